@@ -1,0 +1,3 @@
+from fmserve.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""HTTP routes only (FastAPI/Starlette). No business logic here."""

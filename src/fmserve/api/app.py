@@ -1,0 +1,83 @@
+"""The app factory: builds all state in the lifespan and hangs it on ``app.state.fm``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from fmserve import __version__
+from fmserve.api import errors, manage_routes, misc_routes, query_routes
+from fmserve.config import ServerConfig
+from fmserve.gateway.auth import Authenticator
+from fmserve.serving.endpoints import (
+    MINILM_ENDPOINT,
+    EndpointRegistry,
+    bundled_endpoints,
+    describe_embeddings,
+)
+from fmserve.serving.metrics import ServingMetrics
+from fmserve.serving.query import QueryService
+from fmserve.store.db import Database, sqlite_url
+from fmserve.store.tokens import TokenStore
+
+log = logging.getLogger("fmserve")
+
+
+@dataclass
+class AppState:
+    config: ServerConfig
+    db: Database
+    tokens: TokenStore
+    auth: Authenticator
+    registry: EndpointRegistry
+    query: QueryService
+    metrics: ServingMetrics
+    workspace_id: str
+
+
+def open_database(cfg: ServerConfig) -> Database:
+    """The configured database, migrated to the current schema."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(cfg.database_url or sqlite_url(cfg.data_dir))
+    db.migrate()
+    return db
+
+
+def create_app(cfg: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = open_database(cfg)
+        tokens = TokenStore(db)
+        registry = EndpointRegistry()
+        if cfg.bundled:
+            for ep in bundled_endpoints(cfg):
+                registry.add(ep)
+        workers = registry.workers()
+        app.state.fm = AppState(
+            config=cfg, db=db, tokens=tokens, auth=Authenticator(tokens), registry=registry,
+            query=QueryService(registry), metrics=ServingMetrics(registry.workers),
+            workspace_id=db.workspace_id())
+        await asyncio.gather(*(w.start() for w in workers))
+        for w in workers:
+            if w.state != "ready":
+                log.error("served entity %s is not ready: %s", w.name, w.state_message)
+        if cfg.bundled:
+            describe_embeddings(registry.get(MINILM_ENDPOINT))
+        try:
+            yield
+        finally:
+            await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+            db.close()
+
+    app = FastAPI(title="fmserve", version=__version__, lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    errors.install(app)
+    app.include_router(misc_routes.router)
+    app.include_router(manage_routes.router)
+    app.include_router(query_routes.router)
+    return app

@@ -1,0 +1,54 @@
+"""Request helpers shared by the routes: authentication, bounded JSON bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import Request
+
+from fmserve.errors import BadRequest, PayloadTooLarge
+from fmserve.gateway.auth import Principal
+
+# Bodies over the limit are read (and dropped) up to this size before the 413,
+# so the client sees the error rather than a reset connection.
+_DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+def principal(request: Request) -> Principal:
+    """FastAPI dependency: the authenticated caller (401 otherwise)."""
+    return request.app.state.fm.auth.authenticate(request.headers.get("authorization"))
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request's JSON object body.
+
+    Raises:
+        PayloadTooLarge: 413 over ``max_body_bytes`` (4 MB by default, spec §10).
+        BadRequest: 400 for malformed JSON or a non-object body.
+    """
+    limit = request.app.state.fm.config.max_body_bytes
+    too_large = PayloadTooLarge(
+        f"Request body exceeds the {limit // (1024 * 1024)} MB limit for foundation model "
+        "endpoints.")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > _DRAIN_LIMIT:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            parts.append(chunk)
+        elif size > _DRAIN_LIMIT:
+            break
+    if size > limit:
+        raise too_large
+    raw = b"".join(parts)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Malformed JSON in request body: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object.")
+    return body

@@ -1,0 +1,63 @@
+"""The one seam every engine and (later) external provider implements.
+
+A backend answers in OpenAI shapes without ``id``/``model``/``created`` (the
+serving layer adds those):
+
+* ``chat(req)`` → ``{"choices": [{"index", "message", "finish_reason"}], "usage"}``
+* ``chat_stream(req)`` → chunks ``{"choices": [{"index", "delta", "finish_reason"}], "usage"}``
+  (``usage`` cumulative on every chunk, spec §8.3)
+* ``complete(req)`` / ``complete_stream(req)`` → the same with ``text`` choices
+* ``embed(req)`` → :class:`EmbeddingResult`
+
+A feature the backend lacks is a 400 before any work starts
+(:meth:`Capabilities.require`), never a silent drop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from fmserve.errors import InvalidParameterValue
+from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
+from fmserve.protocol.embeddings import EmbeddingsRequest
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    chat: bool = False
+    completions: bool = False
+    embeddings: bool = False
+    tools: bool = False
+    json_schema: bool = False
+    vision: bool = False
+    reasoning: bool = False
+
+    def require(self, feature: str, what: str, entity: str) -> None:
+        """Raise 400 ``INVALID_PARAMETER_VALUE`` if ``feature`` is not supported."""
+        if not getattr(self, feature):
+            raise InvalidParameterValue(f"{what} is not supported by served entity '{entity}'.")
+
+
+@dataclass
+class EmbeddingResult:
+    """``vectors``: float32 array of shape (len(input), dimensions); tokens counted."""
+
+    vectors: np.ndarray
+    prompt_tokens: int
+
+
+class Backend(Protocol):
+    name: str
+    capabilities: Capabilities
+
+    def ready(self) -> bool: ...
+    def describe(self) -> dict[str, Any]: ...
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]: ...
+    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]: ...
+    async def complete(self, req: CompletionRequest) -> dict[str, Any]: ...
+    def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]: ...
+    async def embed(self, req: EmbeddingsRequest) -> EmbeddingResult: ...

@@ -1,0 +1,190 @@
+"""``fmserve`` command line: serve, tokens, endpoints, query.
+
+``serve`` and ``tokens`` work on the data dir directly; ``endpoints`` and
+``query`` are thin clients of the HTTP API (``DATABRICKS_HOST`` /
+``DATABRICKS_TOKEN``, or ``--host`` / ``--token``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fmserve.config import ServerConfig, default_data_dir
+
+app = typer.Typer(help="fmserve: self-hosted foundation model serving.", no_args_is_help=True,
+                  add_completion=False)
+tokens_app = typer.Typer(help="Personal access tokens.", no_args_is_help=True)
+endpoints_app = typer.Typer(help="Serving endpoints.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(endpoints_app, name="endpoints")
+
+console = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default "
+                                              "$FMSERVE_HOME or ~/.fmserve).")]
+DbUrl = Annotated[str | None, typer.Option("--database-url", envvar="FMSERVE_DATABASE_URL",
+                                           help="SQLAlchemy URL (default SQLite in data dir).")]
+Host = Annotated[str, typer.Option("--host", envvar="DATABRICKS_HOST",
+                                   help="Server URL.")]
+Token = Annotated[str | None, typer.Option("--token", envvar="DATABRICKS_TOKEN",
+                                           help="Access token.")]
+
+
+def _token_store(data_dir: Path | None, database_url: str | None):  # type: ignore[no-untyped-def]
+    from fmserve.api.app import open_database
+    from fmserve.store.tokens import TokenStore
+
+    cfg = ServerConfig(data_dir=data_dir or default_data_dir(), database_url=database_url)
+    return TokenStore(open_database(cfg))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+) -> None:
+    """Start the server with the bundled pay-per-token endpoints."""
+    import uvicorn
+
+    from fmserve.api.app import create_app
+
+    cfg = ServerConfig(host=host, port=port, data_dir=data_dir or default_data_dir(),
+                       database_url=database_url)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    store = _token_store(cfg.data_dir, cfg.database_url)
+    if store.count_active() == 0:
+        token, _ = store.create(comment="admin token created by first 'fmserve serve'",
+                                owner="admin", is_admin=True)
+        console.print("[bold]No access token existed, so an admin token was created. "
+                      "It is shown only once:[/bold]")
+        console.print(f"  export DATABRICKS_TOKEN={token}", soft_wrap=True, highlight=False)
+    store.db.close()
+    console.print(f"Data dir: {cfg.data_dir}.  Loading models, then serving on "
+                  f"http://{host}:{port} ...", highlight=False)
+    uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level.lower(),
+                timeout_graceful_shutdown=5)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    comment: Annotated[str, typer.Option(help="What the token is for.")] = "",
+    lifetime_seconds: Annotated[int | None, typer.Option(help="Expire after this long.")] = None,
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Create a token; the token is the last line of stdout."""
+    token, info = _token_store(data_dir, database_url).create(
+        comment=comment, owner="admin", is_admin=True, lifetime_s=lifetime_seconds)
+    err.print(f"Created token {info.token_id}. Store it now; it cannot be shown again.")
+    print(token)
+
+
+@tokens_app.command("list")
+def tokens_list(data_dir: DataDir = None, database_url: DbUrl = None) -> None:
+    """List tokens (ids and comments; never the tokens themselves)."""
+    table = Table("token_id", "comment", "owner", "created", "expires", "state")
+    for t in _token_store(data_dir, database_url).list():
+        table.add_row(t.token_id, t.comment, t.owner, _ms(t.creation_time),
+                      "never" if t.expiry_time == -1 else _ms(t.expiry_time),
+                      "revoked" if t.revoked else "active")
+    console.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: str, data_dir: DataDir = None, database_url: DbUrl = None) -> None:
+    """Revoke a token by id."""
+    if not _token_store(data_dir, database_url).revoke(token_id):
+        err.print(f"No token with id {token_id!r} - see 'fmserve tokens list'.")
+        raise typer.Exit(1)
+    err.print(f"Revoked {token_id}.")
+
+
+def _ms(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _client(host: str, token: str | None) -> httpx.Client:
+    if not token:
+        err.print("No token: pass --token or export DATABRICKS_TOKEN "
+                  "(create one with 'fmserve tokens create').")
+        raise typer.Exit(2)
+    return httpx.Client(base_url=host.rstrip("/"), timeout=300,
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
+    try:
+        r = client.request(method, path, **kw)
+    except httpx.HTTPError as exc:
+        err.print(f"Cannot reach {client.base_url}: {exc}. Is 'fmserve serve' running?")
+        raise typer.Exit(1) from None
+    if r.status_code >= 400:
+        try:
+            body = r.json()
+            msg = f"{body.get('error_code')}: {body.get('message')}"
+        except ValueError:
+            msg = r.text
+        err.print(f"[red]HTTP {r.status_code}[/red] {msg}", highlight=False)
+        raise typer.Exit(1)
+    return r.json()
+
+
+DEFAULT_HOST = os.environ.get("DATABRICKS_HOST", "http://127.0.0.1:8080")
+
+
+@endpoints_app.command("list")
+def endpoints_list(host: Host = DEFAULT_HOST, token: Token = None) -> None:
+    """List serving endpoints."""
+    with _client(host, token) as c:
+        body = _call(c, "GET", "/api/2.0/serving-endpoints")
+    table = Table("name", "task", "state", "served entities", "description")
+    for ep in body.get("endpoints", []):
+        entities = ", ".join(e.get("entity_name") or e["name"]
+                             for e in ep.get("config", {}).get("served_entities", []))
+        table.add_row(ep["name"], ep.get("task", ""), ep["state"]["ready"], entities,
+                      ep.get("description", ""))
+    console.print(table)
+
+
+@app.command()
+def query(
+    endpoint: str,
+    prompt: str,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate (chat).")] = 256,
+    temperature: Annotated[float, typer.Option(help="0.0-2.0 (chat).")] = 0.7,
+    host: Host = DEFAULT_HOST,
+    token: Token = None,
+) -> None:
+    """Query an endpoint: chat for chat endpoints, an embedding for embeddings endpoints."""
+    with _client(host, token) as c:
+        ep = _call(c, "GET", f"/api/2.0/serving-endpoints/{endpoint}")
+        if ep.get("task") == "llm/v1/embeddings":
+            body = _call(c, "POST", f"/serving-endpoints/{endpoint}/invocations",
+                         json={"input": prompt})
+            vec = body["data"][0]["embedding"]
+            table = Table("dimensions", "first values", "prompt tokens")
+            table.add_row(str(len(vec)), ", ".join(f"{v:.4f}" for v in vec[:6]) + ", ...",
+                          str(body["usage"]["prompt_tokens"]))
+            console.print(table)
+            return
+        body = _call(c, "POST", f"/serving-endpoints/{endpoint}/invocations",
+                     json={"messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": max_tokens, "temperature": temperature})
+    console.print(body["choices"][0]["message"]["content"], highlight=False)
+    u = body["usage"]
+    err.print(f"[dim]{endpoint}: {u['prompt_tokens']} prompt + {u['completion_tokens']} "
+              f"completion tokens, finish_reason={body['choices'][0]['finish_reason']}[/dim]")

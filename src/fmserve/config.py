@@ -1,0 +1,45 @@
+"""Server configuration: CLI flags over ``FMSERVE_*`` environment variables over defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    """``$FMSERVE_HOME`` or ``~/.fmserve``."""
+    return Path(os.environ.get("FMSERVE_HOME") or Path.home() / ".fmserve").expanduser()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``fmserve serve`` needs.
+
+    Attributes:
+        data_dir: database (SQLite default), worker logs.
+        database_url: SQLAlchemy URL; default SQLite file in ``data_dir``.
+        llama_threads: CPU threads per llama.cpp worker (default: all cores).
+        embed_threads: torch threads for the embeddings worker.
+        max_queue: requests allowed to wait per worker before 503 + Retry-After.
+        max_body_bytes: request body limit (4 MB for foundation-model endpoints, spec §10).
+        n_ctx: llama.cpp context in tokens (0 = the model's training context).
+        bundled: start the bundled pay-per-token endpoints.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = field(default_factory=default_data_dir)
+    database_url: str | None = field(default_factory=lambda: os.environ.get("FMSERVE_DATABASE_URL"))
+    llama_threads: int = field(default_factory=lambda: _env_int("FMSERVE_LLAMA_THREADS", 0))
+    embed_threads: int = field(default_factory=lambda: _env_int("FMSERVE_EMBED_THREADS", 0))
+    max_queue: int = field(default_factory=lambda: _env_int("FMSERVE_MAX_QUEUE", 64))
+    max_body_bytes: int = 4 * 1024 * 1024
+    n_ctx: int = field(default_factory=lambda: _env_int("FMSERVE_N_CTX", 8192))
+    bundled: bool = True
+    print_token: bool = True

@@ -1,0 +1,149 @@
+"""llama.cpp engine (runs inside a worker process), via llama-cpp-python.
+
+Spec options: ``model_path`` (GGUF), ``n_ctx`` (tokens, default: the model's
+training context), ``n_threads`` (default: all cores), ``n_batch`` (tokens).
+
+Chat prompts are rendered with the GGUF's own ``tokenizer.chat_template``
+(llama-cpp-python's ``Jinja2ChatFormatter``); completions prompts are raw text.
+Generation uses ``Llama.generate`` (which reuses the KV cache for a shared
+prompt prefix) with our own detokenization and stop handling, so usage counts
+are exact model tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+from fmserve.engines.textstream import StopMatcher, Utf8Decoder
+
+Emit = Callable[[dict[str, Any]], None]
+
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = 40
+
+
+class LlamaEngine:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._lib = llama_cpp
+        path = spec["model_path"]
+        threads = int(spec.get("n_threads") or os.cpu_count() or 1)
+        probe_ctx = int(spec.get("n_ctx") or 0)
+        self.llm = Llama(
+            model_path=path,
+            n_ctx=probe_ctx,  # 0 = the model's training context
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=int(spec.get("n_batch") or 512),
+            verbose=False,
+        )
+        self.n_ctx = self.llm.n_ctx()
+        meta = self.llm.metadata
+        template = meta.get("tokenizer.chat_template")
+        self._vocab = self.llm._model.vocab
+        eos_id = self.llm.token_eos()
+        bos_id = self.llm.token_bos()
+
+        def piece(tok: int) -> str:
+            return self.llm._model.token_get_text(tok) if tok >= 0 else ""
+
+        self.formatter = (
+            Jinja2ChatFormatter(template, eos_token=piece(eos_id), bos_token=piece(bos_id))
+            if template
+            else None
+        )
+        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        self.model_name = meta.get("general.name") or os.path.basename(path)
+        self.threads = threads
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "engine": "llama_cpp",
+            "model": self.model_name,
+            "n_ctx": self.n_ctx,
+            "n_threads": self.threads,
+            "chat_template": self.formatter is not None,
+        }
+
+    # -- requests -------------------------------------------------------------
+    def handle(self, msg: dict[str, Any], emit: Emit, cancelled: Callable[[], bool]) -> None:
+        if msg["op"] != "generate":
+            raise ValueError(f"llama_cpp worker cannot do {msg['op']!r}")
+        rid = msg["id"]
+        try:
+            tokens = self._prompt_tokens(msg)
+        except ValueError as exc:
+            emit({"t": "err", "id": rid, "code": "BAD_REQUEST", "message": str(exc)})
+            return
+        n_prompt = len(tokens)
+        room = self.n_ctx - n_prompt
+        if room <= 0:
+            emit({"t": "err", "id": rid, "code": "CONTEXT_LENGTH_EXCEEDED",
+                  "message": f"The prompt is {n_prompt} tokens long, which does not fit the "
+                             f"model's context of {self.n_ctx} tokens (at least 1 token must "
+                             f"be left for the answer). Shorten the prompt."})
+            return
+        emit({"t": "start", "id": rid, "prompt_tokens": n_prompt})
+        self._generate(rid, tokens, msg.get("params") or {}, room, emit, cancelled)
+
+    def _prompt_tokens(self, msg: dict[str, Any]) -> list[int]:
+        if msg.get("messages") is not None:
+            if self.formatter is None:
+                raise ValueError("This model has no chat template; use the completions API.")
+            try:
+                text = self.formatter(messages=msg["messages"]).prompt
+            except Exception as exc:  # jinja errors, raise_exception() in templates
+                raise ValueError(f"The chat template rejected the messages: {exc}") from exc
+            return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
+        prompt = msg.get("prompt") or ""
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=self.add_bos, special=False)
+
+    def _generate(self, rid: str, tokens: list[int], params: dict[str, Any], room: int,
+                  emit: Emit, cancelled: Callable[[], bool]) -> None:
+        max_tokens = min(int(params.get("max_tokens") or room), room)
+        seed = params.get("seed")
+        self.llm.set_seed(int(seed) if seed is not None else random.getrandbits(31))
+        temp = params.get("temperature")
+        stops = StopMatcher(params.get("stop"))
+        dec = Utf8Decoder()
+        is_eog = self._lib.llama_vocab_is_eog
+        count = 0
+        finish = "length"
+        for tok in self.llm.generate(
+            tokens,
+            temp=DEFAULT_TEMPERATURE if temp is None else float(temp),
+            top_p=float(params.get("top_p") or DEFAULT_TOP_P),
+            top_k=int(params.get("top_k") or DEFAULT_TOP_K),
+            min_p=float(params.get("min_p") or 0.0),
+            repeat_penalty=float(params.get("repeat_penalty") or 1.0),
+            presence_penalty=float(params.get("presence_penalty") or 0.0),
+            frequency_penalty=float(params.get("frequency_penalty") or 0.0),
+        ):
+            if cancelled():
+                finish = "cancelled"
+                break
+            if is_eog(self._vocab, tok):
+                finish = "stop"
+                break
+            count += 1
+            text, hit = stops.feed(dec.decode(self.llm.detokenize([tok])))
+            if text:
+                emit({"t": "tok", "id": rid, "text": text, "n": count})
+            if hit:
+                finish = "stop"
+                break
+            if count >= max_tokens:
+                break
+        if finish != "stop" or not params.get("stop"):
+            tail = stops.flush() + dec.flush()
+            if tail and finish != "cancelled":
+                emit({"t": "tok", "id": rid, "text": tail, "n": count})
+        emit({"t": "end", "id": rid, "finish_reason": finish,
+              "prompt_tokens": len(tokens), "completion_tokens": count})

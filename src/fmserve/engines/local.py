@@ -1,0 +1,259 @@
+"""Backends over local worker processes: llama.cpp generation and embeddings.
+
+Each choice of a request (``n`` choices × prompts) is one worker request; the
+worker streams text, and this module shapes it into OpenAI chat/completions
+bodies and chunks (spec §8.2–§8.4) with exact token usage.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from fmserve.backends import Capabilities, EmbeddingResult
+from fmserve.engines.supervisor import WorkerProcess, WorkerRequest
+from fmserve.errors import InvalidParameterValue
+from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest, SamplingParams
+from fmserve.protocol.embeddings import EmbeddingsRequest
+
+# extra_params keys the llama.cpp engine honours; any other key is a 400.
+_EXTRA_SAMPLING = {"top_k", "top_p", "seed", "temperature", "max_tokens", "stop",
+                   "presence_penalty", "frequency_penalty", "repeat_penalty", "min_p"}
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def sampling_params(req: SamplingParams) -> dict[str, Any]:
+    """The engine's ``params`` from request fields and ``extra_params``.
+
+    Raises:
+        InvalidParameterValue: an ``extra_params`` key the engine cannot honour.
+    """
+    params: dict[str, Any] = {
+        "max_tokens": req.effective_max_tokens(),
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "stop": req.stop,
+        "seed": req.seed,
+    }
+    extras = dict(req.model_extra or {})
+    for key in ("presence_penalty", "frequency_penalty"):
+        if extras.get(key) is not None:
+            params[key] = extras[key]
+    for key, value in (req.extra_params or {}).items():
+        if key not in _EXTRA_SAMPLING:
+            raise InvalidParameterValue(
+                f"extra_params.{key} is not supported by local llama.cpp models; "
+                f"supported: {', '.join(sorted(_EXTRA_SAMPLING))}.")
+        params[key] = [value] if key == "stop" and isinstance(value, str) else value
+    return params
+
+
+class _Choice:
+    """One worker request plus its output index and accumulated text."""
+
+    def __init__(self, index: int, req: WorkerRequest) -> None:
+        self.index = index
+        self.req = req
+        self.text: list[str] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+
+class LlamaBackend:
+    """Chat and completions on a llama.cpp worker (GGUF, chat template from the file)."""
+
+    capabilities = Capabilities(chat=True, completions=True)
+
+    def __init__(self, name: str, worker: WorkerProcess) -> None:
+        self.name = name
+        self.worker = worker
+
+    def ready(self) -> bool:
+        return self.worker.state == "ready"
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.worker.info)
+
+    # -- request → worker ops ------------------------------------------------
+    def _chat_messages(self, req: ChatCompletionRequest) -> list[dict[str, str]]:
+        if req.tools:
+            self.capabilities.require("tools", "Function calling ('tools')", self.name)
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            self.capabilities.require("json_schema", f"response_format '{fmt}'", self.name)
+        if (req.model_extra or {}).get("logprobs"):
+            raise InvalidParameterValue(
+                f"'logprobs' is not supported by served entity '{self.name}'.")
+        out = []
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
+                self.capabilities.require("vision", f"messages[{i}]: image content", self.name)
+            role = "system" if m.role == "developer" else m.role
+            out.append({"role": role, "content": m.text()})
+        return out
+
+    def _submit(self, ops: list[dict[str, Any]]) -> list[_Choice]:
+        choices: list[_Choice] = []
+        try:
+            for i, op in enumerate(ops):
+                choices.append(_Choice(i, self.worker.submit(op)))
+        except BaseException:
+            for c in choices:
+                c.req.close()
+            raise
+        return choices
+
+    def _chat_ops(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
+        messages = self._chat_messages(req)
+        params = sampling_params(req)
+        return [{"op": "generate", "messages": messages, "params": _nth(params, j)}
+                for j in range(req.n)]
+
+    def _completion_ops(self, req: CompletionRequest) -> list[dict[str, Any]]:
+        params = sampling_params(req)
+        return [{"op": "generate", "prompt": p, "params": _nth(params, j)}
+                for p in req.prompts() for j in range(req.n)]
+
+    # -- running -------------------------------------------------------------
+    async def _run_all(self, choices: list[_Choice]) -> None:
+        try:
+            for c in choices:
+                while True:
+                    ev = await c.req.next()
+                    if ev["t"] == "start":
+                        c.prompt_tokens = ev["prompt_tokens"]
+                    elif ev["t"] == "tok":
+                        c.text.append(ev["text"])
+                    elif ev["t"] == "end":
+                        c.completion_tokens = ev["completion_tokens"]
+                        c.finish_reason = ev["finish_reason"]
+                        break
+        finally:
+            for c in choices:
+                c.req.close()
+
+    @staticmethod
+    def _prompt_usage(choices: list[_Choice], n: int) -> int:
+        # The prompt is counted once per distinct prompt, not once per choice.
+        return sum(c.prompt_tokens for c in choices[::n])
+
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        choices = self._submit(self._chat_ops(req))
+        await self._run_all(choices)
+        return {
+            "object": "chat.completion",
+            "choices": [{"index": c.index,
+                         "message": {"role": "assistant", "content": "".join(c.text)},
+                         "finish_reason": c.finish_reason} for c in choices],
+            "usage": _usage(self._prompt_usage(choices, req.n),
+                            sum(c.completion_tokens for c in choices)),
+        }
+
+    async def complete(self, req: CompletionRequest) -> dict[str, Any]:
+        choices = self._submit(self._completion_ops(req))
+        await self._run_all(choices)
+        return {
+            "object": "text_completion",
+            "choices": [{"index": c.index, "text": "".join(c.text),
+                         "finish_reason": c.finish_reason, "logprobs": None} for c in choices],
+            "usage": _usage(self._prompt_usage(choices, req.n),
+                            sum(c.completion_tokens for c in choices)),
+        }
+
+    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(self._submit(self._chat_ops(req)), req.n, chat=True)
+
+    def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(self._submit(self._completion_ops(req)), req.n, chat=False)
+
+    async def _stream(self, choices: list[_Choice], n: int,
+                      chat: bool) -> AsyncIterator[dict[str, Any]]:
+        """Chunks with cumulative usage. Choices are streamed in index order.
+
+        The first chunk is produced only after the worker accepted the first
+        prompt, so prompt errors (too long for the context) still become an
+        HTTP error status rather than an in-stream error.
+        """
+        prompt_tokens = 0
+        completion_tokens = 0  # cumulative over the request
+        finished_tokens = 0  # tokens of choices already finished
+
+        def chunk(c: _Choice, delta: dict[str, Any] | None, text: str | None,
+                  finish: str | None) -> dict[str, Any]:
+            body: dict[str, Any] = {"index": c.index, "finish_reason": finish}
+            if chat:
+                body["delta"] = delta or {}
+            else:
+                body["text"] = text or ""
+                body["logprobs"] = None
+            return {"object": "chat.completion.chunk" if chat else "text_completion",
+                    "choices": [body], "usage": _usage(prompt_tokens, completion_tokens)}
+
+        try:
+            for pos, c in enumerate(choices):
+                while True:
+                    ev = await c.req.next()
+                    t = ev["t"]
+                    if t == "start":
+                        if pos % n == 0:
+                            prompt_tokens += ev["prompt_tokens"]
+                        if chat:
+                            yield chunk(c, {"role": "assistant", "content": ""}, None, None)
+                    elif t == "tok":
+                        completion_tokens = finished_tokens + ev["n"]
+                        yield chunk(c, {"content": ev["text"]}, ev["text"], None)
+                    elif t == "end":
+                        finished_tokens += ev["completion_tokens"]
+                        completion_tokens = finished_tokens
+                        yield chunk(c, {}, "", ev["finish_reason"])
+                        break
+        finally:
+            for c in choices:
+                c.req.close()
+
+
+def _nth(params: dict[str, Any], j: int) -> dict[str, Any]:
+    """Params of the j-th of n choices: a given seed is offset so samples differ."""
+    if j and params.get("seed") is not None:
+        return {**params, "seed": params["seed"] + j}
+    return params
+
+
+class EmbeddingBackend:
+    """Embeddings on a sentence-transformers worker."""
+
+    capabilities = Capabilities(embeddings=True)
+
+    def __init__(self, name: str, worker: WorkerProcess) -> None:
+        self.name = name
+        self.worker = worker
+
+    def ready(self) -> bool:
+        return self.worker.state == "ready"
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.worker.info)
+
+    async def embed(self, req: EmbeddingsRequest) -> EmbeddingResult:
+        if req.dimensions is not None and req.dimensions != self.worker.info.get("dimensions"):
+            raise InvalidParameterValue(
+                f"'dimensions' must be {self.worker.info.get('dimensions')} for "
+                f"'{self.name}' (it does not support shortened embeddings).")
+        texts = req.texts()
+        wreq = self.worker.submit({"op": "embed", "texts": texts})
+        try:
+            ev = await wreq.next()
+        finally:
+            wreq.close()
+        vecs = np.frombuffer(base64.b64decode(ev["b64"]), dtype="<f4").reshape(ev["count"],
+                                                                                ev["dim"])
+        return EmbeddingResult(vectors=vecs, prompt_tokens=ev["prompt_tokens"])

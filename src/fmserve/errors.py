@@ -1,0 +1,115 @@
+"""The one error hierarchy of fmserve, and its Databricks wire form.
+
+Every failure a client can see is an :class:`FmserveError`. Lower layers
+(pydantic validation, the engine workers, the store, later the external
+providers) translate their own exceptions into one of these where they arise;
+``api/`` maps them to the HTTP body in exactly one handler::
+
+    FmserveError                      500 INTERNAL_ERROR
+    ├── BadRequest                    400 BAD_REQUEST
+    │   ├── InvalidParameterValue     400 INVALID_PARAMETER_VALUE
+    │   └── ContextLengthExceeded     400 INVALID_PARAMETER_VALUE
+    ├── Unauthenticated               401 UNAUTHENTICATED
+    ├── PermissionDenied              403 PERMISSION_DENIED
+    ├── ResourceDoesNotExist          404 RESOURCE_DOES_NOT_EXIST
+    ├── PayloadTooLarge               413 BAD_REQUEST
+    ├── RequestLimitExceeded          429 REQUEST_LIMIT_EXCEEDED   (+ Retry-After)
+    └── TemporarilyUnavailable        503 TEMPORARILY_UNAVAILABLE  (+ Retry-After)
+
+Wire format (spec §8.7, as databricks-sdk ``errors/deserializer.py`` parses it)::
+
+    {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "..."}
+
+The SDK, mlflow and openai retry 429 and 503 honouring the integer
+``Retry-After`` header, so every throttling error carries one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FmserveError(Exception):
+    """Base class: an HTTP status, a Databricks ``error_code`` and a message."""
+
+    status_code: int = 500
+    error_code: str = "INTERNAL_ERROR"
+
+    def __init__(
+        self, message: str, *, error_code: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if error_code is not None:
+            self.error_code = error_code
+        self.retry_after = retry_after
+
+    def to_body(self) -> dict[str, Any]:
+        """The Databricks error body ``{"error_code", "message"}``."""
+        return {"error_code": self.error_code, "message": self.message}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (``Retry-After`` in whole seconds when set)."""
+        return {"Retry-After": str(int(self.retry_after))} if self.retry_after is not None else {}
+
+
+class BadRequest(FmserveError):
+    status_code = 400
+    error_code = "BAD_REQUEST"
+
+
+class InvalidParameterValue(BadRequest):
+    error_code = "INVALID_PARAMETER_VALUE"
+
+
+class ContextLengthExceeded(InvalidParameterValue):
+    """The prompt (in tokens) does not fit the model's context window."""
+
+
+class Unauthenticated(FmserveError):
+    status_code = 401
+    error_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(FmserveError):
+    status_code = 403
+    error_code = "PERMISSION_DENIED"
+
+
+class ResourceDoesNotExist(FmserveError):
+    status_code = 404
+    error_code = "RESOURCE_DOES_NOT_EXIST"
+
+
+class PayloadTooLarge(FmserveError):
+    status_code = 413
+    error_code = "BAD_REQUEST"
+
+
+class RequestLimitExceeded(FmserveError):
+    status_code = 429
+    error_code = "REQUEST_LIMIT_EXCEEDED"
+
+
+class TemporarilyUnavailable(FmserveError):
+    status_code = 503
+    error_code = "TEMPORARILY_UNAVAILABLE"
+
+
+_BY_CODE: dict[str, type[FmserveError]] = {
+    "BAD_REQUEST": BadRequest,
+    "INVALID_PARAMETER_VALUE": InvalidParameterValue,
+    "CONTEXT_LENGTH_EXCEEDED": ContextLengthExceeded,
+    "RESOURCE_DOES_NOT_EXIST": ResourceDoesNotExist,
+    "REQUEST_LIMIT_EXCEEDED": RequestLimitExceeded,
+    "TEMPORARILY_UNAVAILABLE": TemporarilyUnavailable,
+}
+
+
+def from_code(code: str, message: str, retry_after: int | None = None) -> FmserveError:
+    """Rebuild an error sent as ``{"code", "message"}`` by an engine worker."""
+    cls = _BY_CODE.get(code, FmserveError)
+    err = cls(message, retry_after=retry_after)
+    if cls is ContextLengthExceeded:
+        err.error_code = "INVALID_PARAMETER_VALUE"
+    return err

@@ -1,0 +1,1 @@
+"""Gateway policy, framework-free: authentication now; limits, usage, tables later."""

@@ -1,0 +1,46 @@
+"""Turning untrusted JSON into request models, with errors that name the field."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from fmserve.errors import InvalidParameterValue
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif not parts:
+            parts.append(str(item))
+        else:
+            parts.append(f".{item}")
+    return "".join(parts) or "body"
+
+
+def parse_model(model: type[M], body: Any) -> M:
+    """Validate ``body`` (parsed JSON) as ``model``.
+
+    Raises:
+        InvalidParameterValue: 400, message naming the first offending field,
+            e.g. ``"Invalid value for 'n': Input should be less than or equal to 5"``.
+    """
+    if not isinstance(body, dict):
+        raise InvalidParameterValue("Request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        # Union members add their type name to the location; drop those parts.
+        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p[:1].isupper()))
+        loc = tuple(p for p in loc if p not in ("str", "list[str]", "function-after[...]"))
+        field = _field_path(loc)
+        msg = first["msg"]
+        if first["type"] == "missing":
+            raise InvalidParameterValue(f"Missing required parameter '{field}'.") from None
+        raise InvalidParameterValue(f"Invalid value for '{field}': {msg}") from None

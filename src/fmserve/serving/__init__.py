@@ -1,0 +1,1 @@
+"""The serving domain: endpoints, served entities, routing, and the query logic."""

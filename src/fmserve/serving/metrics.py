@@ -1,0 +1,59 @@
+"""Prometheus metrics of one server (a registry per app, no globals).
+
+Exposed at ``GET /metrics`` (text exposition format). Names:
+
+* ``fmserve_requests_total{endpoint, kind, status}`` — queries answered.
+* ``fmserve_tokens_total{endpoint, type}`` — ``prompt`` / ``completion`` tokens.
+* ``fmserve_request_seconds{endpoint, kind}`` — time to the full response (s).
+* ``fmserve_worker_outstanding{entity}`` — requests running or queued in a worker.
+* ``fmserve_worker_up{entity}`` — 1 when the worker is ready.
+* ``fmserve_worker_restarts_total{entity}`` — restarts after a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fmserve.engines.supervisor import WorkerProcess
+
+
+class _WorkerCollector(Collector):
+    def __init__(self, workers: Callable[[], list[WorkerProcess]]) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterable[Metric]:
+        out = GaugeMetricFamily("fmserve_worker_outstanding",
+                                "Requests running or queued in a worker", labels=["entity"])
+        up = GaugeMetricFamily("fmserve_worker_up", "1 when the worker is ready",
+                               labels=["entity"])
+        restarts = CounterMetricFamily("fmserve_worker_restarts",
+                                       "Worker restarts after a crash", labels=["entity"])
+        for w in self._workers():
+            out.add_metric([w.name], w.outstanding)
+            up.add_metric([w.name], 1.0 if w.state == "ready" else 0.0)
+            restarts.add_metric([w.name], w.restarts)
+        return [out, up, restarts]
+
+
+class ServingMetrics:
+    def __init__(self, workers: Callable[[], list[WorkerProcess]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fmserve_requests", "Queries answered",
+                                ["endpoint", "kind", "status"], registry=self.registry)
+        self.tokens = Counter("fmserve_tokens", "Tokens processed", ["endpoint", "type"],
+                              registry=self.registry)
+        self.latency = Histogram("fmserve_request_seconds", "Time to the full response",
+                                 ["endpoint", "kind"], registry=self.registry)
+        self.registry.register(_WorkerCollector(workers))
+
+    def record(self, endpoint: str, kind: str, status: int, seconds: float,
+               usage: dict[str, int] | None) -> None:
+        self.requests.labels(endpoint, kind, str(status)).inc()
+        self.latency.labels(endpoint, kind).observe(seconds)
+        if usage:
+            self.tokens.labels(endpoint, "prompt").inc(usage.get("prompt_tokens", 0))
+            self.tokens.labels(endpoint, "completion").inc(usage.get("completion_tokens", 0))

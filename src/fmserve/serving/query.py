@@ -1,0 +1,183 @@
+"""Answering queries: task dispatch, routing to a served entity, response shaping.
+
+Entry points return ``(served_entity_name, body_or_stream)``:
+
+* :meth:`QueryService.invocations` — ``/serving-endpoints/{name}/invocations``: the
+  body's keys decide the kind (``messages`` → chat, ``prompt`` → completions,
+  ``input`` → embeddings), checked against the endpoint's task.
+* :meth:`QueryService.chat` / :meth:`completions` / :meth:`embeddings` — the
+  OpenAI-compatible routes, ``model`` = endpoint name.
+
+Streams are async iterators of chunk dicts (spec §8.3); the HTTP layer frames them.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from fmserve.errors import InvalidParameterValue
+from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
+from fmserve.protocol.embeddings import EmbeddingsRequest
+from fmserve.protocol.validation import parse_model
+from fmserve.serving.endpoints import (
+    TASK_CHAT,
+    TASK_COMPLETIONS,
+    TASK_EMBEDDINGS,
+    EndpointRegistry,
+    ServedEntity,
+    ServingEndpoint,
+)
+
+Body = dict[str, Any]
+Result = tuple[str, Body | AsyncIterator[Body]]
+
+_KIND_TASKS = {
+    "chat": (TASK_CHAT,),
+    "completions": (TASK_COMPLETIONS, TASK_CHAT),  # chat models also answer prompts
+    "embeddings": (TASK_EMBEDDINGS,),
+}
+_KIND_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+def _kind_of(body: Body, task: str) -> str:
+    present = [k for k, f in _KIND_FIELD.items() if f in body]
+    if len(present) > 1:
+        fields = " and ".join(f"'{_KIND_FIELD[k]}'" for k in present)
+        raise InvalidParameterValue(f"The request has both {fields}; send only one.")
+    if present:
+        return present[0]
+    expected = {"llm/v1/chat": "messages", "llm/v1/completions": "prompt",
+                "llm/v1/embeddings": "input"}.get(task, "messages")
+    raise InvalidParameterValue(f"Missing required parameter '{expected}' for a {task} endpoint.")
+
+
+class QueryService:
+    def __init__(self, registry: EndpointRegistry, rng: random.Random | None = None) -> None:
+        self.registry = registry
+        self.rng = rng or random.Random()
+
+    # -- routing -------------------------------------------------------------
+    def _target(self, name: str, served_model: str | None) -> tuple[ServingEndpoint, ServedEntity]:
+        ep = self.registry.get(name)
+        entity = ep.entity(served_model) if served_model else ep.pick(self.rng)
+        return ep, entity
+
+    @staticmethod
+    def _check_task(ep: ServingEndpoint, kind: str) -> None:
+        if ep.task not in _KIND_TASKS[kind]:
+            field = _KIND_FIELD[kind]
+            raise InvalidParameterValue(
+                f"Endpoint '{ep.name}' serves task {ep.task}; a {kind} request "
+                f"('{field}') cannot be sent to it.")
+
+    # -- entry points ----------------------------------------------------------
+    async def invocations(self, name: str, body: Body, served_model: str | None = None) -> Result:
+        ep = self.registry.get(name)
+        if served_model:
+            ep.entity(served_model)  # 404 for an unknown served entity
+        kind = _kind_of(body, ep.task)
+        return await self._dispatch(kind, name, body, served_model)
+
+    async def chat(self, body: Body) -> Result:
+        return await self._dispatch("chat", _model(body), body, None)
+
+    async def completions(self, body: Body) -> Result:
+        return await self._dispatch("completions", _model(body), body, None)
+
+    async def embeddings(self, body: Body) -> Result:
+        return await self._dispatch("embeddings", _model(body), body, None)
+
+    async def _dispatch(self, kind: str, name: str, body: Body,
+                        served_model: str | None) -> Result:
+        ep, entity = self._target(name, served_model)
+        self._check_task(ep, kind)
+        if kind == "chat":
+            return entity.name, await self._chat(ep, entity, parse_model(ChatCompletionRequest,
+                                                                         body))
+        if kind == "completions":
+            return entity.name, await self._complete(ep, entity,
+                                                     parse_model(CompletionRequest, body))
+        return entity.name, await self._embed(ep, entity, parse_model(EmbeddingsRequest, body))
+
+    # -- kinds -----------------------------------------------------------------
+    async def _chat(self, ep: ServingEndpoint, entity: ServedEntity,
+                    req: ChatCompletionRequest) -> Body | AsyncIterator[Body]:
+        entity.backend.capabilities.require("chat", "Chat", entity.name)
+        head = _head("chatcmpl", ep.name)
+        if req.stream:
+            return await _primed(_stamp(entity.backend.chat_stream(req), head))
+        return {**head, **await entity.backend.chat(req)}
+
+    async def _complete(self, ep: ServingEndpoint, entity: ServedEntity,
+                        req: CompletionRequest) -> Body | AsyncIterator[Body]:
+        entity.backend.capabilities.require("completions", "Completions", entity.name)
+        head = _head("cmpl", ep.name)
+        if req.stream:
+            return await _primed(_stamp(entity.backend.complete_stream(req), head))
+        return {**head, **await entity.backend.complete(req)}
+
+    async def _embed(self, ep: ServingEndpoint, entity: ServedEntity,
+                     req: EmbeddingsRequest) -> Body:
+        entity.backend.capabilities.require("embeddings", "Embeddings", entity.name)
+        result = await entity.backend.embed(req)
+        vectors = np.ascontiguousarray(result.vectors, dtype="<f4")
+        if req.encoding_format == "base64":
+            data = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(v.tobytes()).decode("ascii")}
+                    for i, v in enumerate(vectors)]
+        else:
+            data = [{"object": "embedding", "index": i, "embedding": v}
+                    for i, v in enumerate(vectors.tolist())]
+        return {"object": "list", "model": ep.name, "data": data,
+                "usage": {"prompt_tokens": result.prompt_tokens,
+                          "total_tokens": result.prompt_tokens}}
+
+
+def _model(body: Body) -> str:
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model:
+        raise InvalidParameterValue(
+            "Missing required parameter 'model': the serving endpoint name to query.")
+    return model
+
+
+def _head(prefix: str, model: str) -> Body:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+
+
+async def _stamp(chunks: AsyncIterator[Body], head: Body) -> AsyncIterator[Body]:
+    """Adds the response ``id``/``created``/``model`` to every chunk."""
+    try:
+        async for chunk in chunks:
+            yield {**head, **chunk}
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _primed(stream: AsyncIterator[Body]) -> AsyncIterator[Body]:
+    """Pulls the first chunk now, so errors before any output raise here (as HTTP errors)."""
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def rest() -> AsyncIterator[Body]:
+        try:
+            if first is not None:
+                yield first
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    return rest()
