@@ -28,7 +28,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(endpoints_app, name="endpoints")
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default "
                                               "$FMSERVE_HOME or ~/.fmserve).")]

@@ -6,8 +6,9 @@ training context), ``n_threads`` (default: all cores), ``n_batch`` (tokens).
 Chat prompts are rendered with the GGUF's own ``tokenizer.chat_template``
 (llama-cpp-python's ``Jinja2ChatFormatter``); completions prompts are raw text.
 Generation uses ``Llama.generate`` (which reuses the KV cache for a shared
-prompt prefix) with our own detokenization and stop handling, so usage counts
-are exact model tokens.
+prompt prefix, except for greedy or seeded requests, which must not depend on
+the previous request) with our own detokenization and stop handling, so usage
+counts are exact model tokens.
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ class LlamaEngine:
         seed = params.get("seed")
         self.llm.set_seed(int(seed) if seed is not None else random.getrandbits(31))
         temp = params.get("temperature")
+        if seed is not None or (temp is not None and float(temp) == 0.0):
+            # Reproducible output was asked for (greedy, or a seed): evaluate the
+            # prompt from scratch. A KV-cache prefix hit evaluates the prompt's tail
+            # in a different batch shape, and those logits differ in the last bits,
+            # enough to flip a greedy choice depending on the previous request.
+            self.llm.reset()
         stops = StopMatcher(params.get("stop"))
         dec = Utf8Decoder()
         is_eog = self._lib.llama_vocab_is_eog

@@ -1,0 +1,94 @@
+"""The ``fmserve`` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from conftest import CHAT, EMBED, Server, fmserve_cmd, free_port
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(fmserve_cmd() + list(args), capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_tokens_create_list_revoke(tmp_path: Path) -> None:
+    env = {"FMSERVE_HOME": str(tmp_path)}
+    made = cli("tokens", "create", "--comment", "ci robot", env=env)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    assert token.startswith("dapi") and len(token) == 36
+    listed = cli("tokens", "list", env=env)
+    assert "ci robot" in listed.stdout and "active" in listed.stdout
+    assert token not in listed.stdout
+    # Only the hash is stored.
+    db = sqlite3.connect(tmp_path / "fmserve.db")
+    dump = "\n".join(db.iterdump())
+    db.close()
+    assert token not in dump
+    token_id = made.stderr.split("Created token ")[1].split(".")[0]
+    assert cli("tokens", "revoke", token_id, env=env).returncode == 0
+    assert "revoked" in cli("tokens", "list", env=env).stdout
+    assert cli("tokens", "revoke", "nope", env=env).returncode == 1
+
+
+def test_query_and_endpoints_list(server: Server) -> None:
+    env = {"DATABRICKS_HOST": server.url, "DATABRICKS_TOKEN": server.token,
+           "COLUMNS": "200"}
+    eps = cli("endpoints", "list", env=env)
+    assert eps.returncode == 0, eps.stderr
+    assert CHAT in eps.stdout and EMBED in eps.stdout and "READY" in eps.stdout
+    chat = cli("query", CHAT, "Say hello.", "--max-tokens", "8", "--temperature", "0", env=env)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip()
+    assert "completion tokens" in chat.stderr
+    emb = cli("query", EMBED, "an embedding", env=env)
+    assert emb.returncode == 0, emb.stderr
+    assert "384" in emb.stdout
+    missing = cli("query", "no-such-endpoint", "x", env=env)
+    assert missing.returncode == 1 and "RESOURCE_DOES_NOT_EXIST" in missing.stderr
+    no_token = cli("endpoints", "list", env={"DATABRICKS_HOST": server.url,
+                                             "DATABRICKS_TOKEN": ""})
+    assert no_token.returncode == 2 and "fmserve tokens create" in no_token.stderr
+
+
+def test_first_serve_prints_an_admin_token_once() -> None:
+    with tempfile.TemporaryDirectory(prefix="fmserve-first-") as tmp:
+        env = {**os.environ, "FMSERVE_HOME": tmp}
+        env.pop("DATABRICKS_TOKEN", None)
+
+        def serve_once() -> str:
+            port = free_port()
+            log = Path(tmp) / f"serve-{port}.log"
+            with open(log, "wb") as f:
+                proc = subprocess.Popen(fmserve_cmd() + ["serve", "--port", str(port)], env=env,
+                                        stdout=f, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 180
+                while time.monotonic() < deadline:
+                    try:
+                        if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        time.sleep(0.25)
+                out = log.read_text()
+                token = next((ln.split("=", 1)[1].strip() for ln in out.splitlines()
+                              if "export DATABRICKS_TOKEN=" in ln), "")
+                if token:
+                    r = httpx.post(f"http://127.0.0.1:{port}/serving-endpoints/{EMBED}/invocations",
+                                   json={"input": "hi"},
+                                   headers={"Authorization": f"Bearer {token}"})
+                    assert r.status_code == 200, r.text
+                return token
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+        assert serve_once().startswith("dapi")
+        assert serve_once() == ""  # printed once only

@@ -1,0 +1,71 @@
+"""Pure functions: stop sequences across tokens, UTF-8 across tokens, auth headers."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from fmserve.engines.textstream import StopMatcher, Utf8Decoder
+from fmserve.errors import InvalidParameterValue, Unauthenticated
+from fmserve.gateway.auth import token_from_header
+from fmserve.protocol.chat import ChatCompletionRequest
+from fmserve.protocol.validation import parse_model
+
+
+def run(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
+    m = StopMatcher(stops)
+    out = []
+    for p in pieces:
+        text, hit = m.feed(p)
+        out.append(text)
+        if hit:
+            return "".join(out), True
+    out.append(m.flush())
+    return "".join(out), False
+
+
+@pytest.mark.parametrize(
+    ("stops", "pieces", "expected"),
+    [
+        (["Paris"], ["The capital is Pa", "ris."], ("The capital is ", True)),
+        (["\n\n"], ["a\n", "\nb"], ("a", True)),
+        (["END"], ["E", "N", "D"], ("", True)),
+        (["END"], ["EN", "x"], ("ENx", False)),  # held back, then released
+        (["abc", "b"], ["ab"], ("a", True)),  # the earliest stop wins
+        ([], ["no", " stops"], ("no stops", False)),
+    ],
+)
+def test_stop_sequences_span_tokens(stops: list[str], pieces: list[str],
+                                    expected: tuple[str, bool]) -> None:
+    assert run(stops, pieces) == expected
+
+
+def test_utf8_split_across_tokens() -> None:
+    data = "héllo ✓".encode()
+    dec = Utf8Decoder()
+    text = "".join(dec.decode(data[i:i + 1]) for i in range(len(data))) + dec.flush()
+    assert text == "héllo ✓"
+
+
+def test_auth_headers() -> None:
+    assert token_from_header("Bearer dapi123") == "dapi123"
+    basic = base64.b64encode(b"token:dapi456").decode()
+    assert token_from_header(f"Basic {basic}") == "dapi456"
+    for bad in (None, "", "Bearer", "Digest x", "Basic !!!", "Basic " +
+                base64.b64encode(b"nopassword").decode()):
+        with pytest.raises(Unauthenticated):
+            token_from_header(bad)
+
+
+def test_validation_names_the_field() -> None:
+    with pytest.raises(InvalidParameterValue, match="'messages\\[0\\].role'"):
+        parse_model(ChatCompletionRequest, {"messages": [{"role": "robot", "content": "x"}]})
+    with pytest.raises(InvalidParameterValue, match="'temperature'"):
+        parse_model(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}],
+                                            "temperature": 3})
+    with pytest.raises(InvalidParameterValue, match="Missing required parameter 'messages'"):
+        parse_model(ChatCompletionRequest, {})
+    req = parse_model(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}],
+                                              "stop": "END", "stream_options": {}})
+    assert req.stop == ["END"]
