@@ -205,8 +205,11 @@ def test_mlflow_list_and_get_endpoints(deploy) -> None:  # type: ignore[no-untyp
 
 
 def test_mlflow_predict_unknown_endpoint(deploy) -> None:  # type: ignore[no-untyped-def]
-    from mlflow.exceptions import MlflowException
+    # mlflow surfaces HTTP errors as requests.HTTPError carrying the response body
+    # (mlflow/utils/request_utils.py augmented_raise_for_status).
+    import requests
 
-    with pytest.raises(MlflowException) as ei:
+    with pytest.raises(requests.HTTPError) as ei:
         deploy.predict(endpoint="no-such-endpoint", inputs={"input": "x"})
-    assert "RESOURCE_DOES_NOT_EXIST" in str(ei.value) or "404" in str(ei.value)
+    assert ei.value.response is not None and ei.value.response.status_code == 404
+    assert "RESOURCE_DOES_NOT_EXIST" in str(ei.value)

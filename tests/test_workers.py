@@ -130,7 +130,8 @@ def test_client_disconnect_non_streaming_frees_worker(own_server: Server) -> Non
           what="the abandoned request to be cancelled")
     with srv.client() as c:
         started = time.monotonic()
-        r = c.post("/serving-endpoints/completions", json={"model": CHAT, "prompt": "Hello", "max_tokens": 4})
+        r = c.post("/serving-endpoints/completions",
+                   json={"model": CHAT, "prompt": "Hello", "max_tokens": 4})
         assert r.status_code == 200, r.text
         assert time.monotonic() - started < 5
 

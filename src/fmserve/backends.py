@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -50,14 +50,32 @@ class EmbeddingResult:
     prompt_tokens: int
 
 
-class Backend(Protocol):
-    name: str
-    capabilities: Capabilities
+class Backend:
+    """Base of every backend: each kind it does not override is a 400."""
 
-    def ready(self) -> bool: ...
-    def describe(self) -> dict[str, Any]: ...
-    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]: ...
-    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]: ...
-    async def complete(self, req: CompletionRequest) -> dict[str, Any]: ...
-    def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]: ...
-    async def embed(self, req: EmbeddingsRequest) -> EmbeddingResult: ...
+    name: str
+    capabilities: Capabilities = Capabilities()
+
+    def ready(self) -> bool:
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def _unsupported(self, what: str) -> InvalidParameterValue:
+        return InvalidParameterValue(f"{what} is not supported by served entity '{self.name}'.")
+
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        raise self._unsupported("Chat")
+
+    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        raise self._unsupported("Chat")
+
+    async def complete(self, req: CompletionRequest) -> dict[str, Any]:
+        raise self._unsupported("Completions")
+
+    def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        raise self._unsupported("Completions")
+
+    async def embed(self, req: EmbeddingsRequest) -> EmbeddingResult:
+        raise self._unsupported("Embeddings")

@@ -22,7 +22,7 @@ def _json(body: object) -> Response:
 @router.get("")
 @router.get("/")
 async def list_endpoints(request: Request) -> Response:
-    eps = request.app.state.fm.registry.list()
+    eps = request.app.state.fm.registry.all()
     return _json({"endpoints": [ep.as_dict() for ep in eps]})
 
 

@@ -130,7 +130,7 @@ _openai("embeddings", "embeddings")
 @router.get("/serving-endpoints/models")
 async def models(request: Request) -> Response:
     """OpenAI ``GET /v1/models``: one model per serving endpoint (``id`` = endpoint name)."""
-    eps = request.app.state.fm.registry.list()
+    eps = request.app.state.fm.registry.all()
     data = [{"id": ep.name, "object": "model", "created": ep.created_ms // 1000,
              "owned_by": "fmserve", "task": ep.task} for ep in eps]
     return Response(orjson.dumps({"object": "list", "data": data}),

@@ -30,7 +30,7 @@ class EmbeddingEngine:
         self.batch_size = int(spec.get("batch_size") or 64)
         self.dim = int(self.model.get_sentence_embedding_dimension() or 0)
         self.normalized = any(isinstance(m, Normalize) for m in self.model)
-        self.max_seq_length = int(self.model.max_seq_length)
+        self.max_seq_length = int(self.model.max_seq_length or 0)
         self._torch = torch
 
     def info(self) -> dict[str, Any]:

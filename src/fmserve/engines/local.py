@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.backends import Capabilities, EmbeddingResult
+from fmserve.backends import Backend, Capabilities, EmbeddingResult
 from fmserve.engines.supervisor import WorkerProcess, WorkerRequest
 from fmserve.errors import InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest, SamplingParams
@@ -68,7 +68,7 @@ class _Choice:
         self.finish_reason: str | None = None
 
 
-class LlamaBackend:
+class LlamaBackend(Backend):
     """Chat and completions on a llama.cpp worker (GGUF, chat template from the file)."""
 
     capabilities = Capabilities(chat=True, completions=True)
@@ -228,7 +228,7 @@ def _nth(params: dict[str, Any], j: int) -> dict[str, Any]:
     return params
 
 
-class EmbeddingBackend:
+class EmbeddingBackend(Backend):
     """Embeddings on a sentence-transformers worker."""
 
     capabilities = Capabilities(embeddings=True)

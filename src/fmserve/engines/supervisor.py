@@ -156,7 +156,8 @@ class WorkerProcess:
         self._writer = writer
         first = await ipc.read_frame(reader)
         if first is None or first.get("t") != "ready":
-            msg = (first or {}).get("message") or f"worker exited during start (see {self.log_path})"
+            msg = ((first or {}).get("message")
+                   or f"worker exited during start (see {self.log_path})")
             self._kill()
             raise FmserveError(msg)
         self.info = first.get("info", {})

@@ -134,7 +134,7 @@ class EndpointRegistry:
             raise ResourceDoesNotExist(f"Endpoint with name '{name}' does not exist.")
         return ep
 
-    def list(self) -> list[ServingEndpoint]:
+    def all(self) -> list[ServingEndpoint]:
         return sorted(self._by_name.values(), key=lambda e: e.name)
 
     def workers(self) -> list[WorkerProcess]:
