@@ -520,7 +520,7 @@ def report(res: Results, args: argparse.Namespace) -> None:
               ">= 90 %")
     over = s_ttft - d_ttft
     t.add_row("chat TTFT, 1 stream (ms)", f1(d_ttft), f1(s_ttft),
-              f"[{'green' if over < 5 else 'red'}]+{over:.1f} ms[/]", "< +5 ms")
+              f"[{'green' if over < 5 else 'red'}]{over:+.1f} ms[/]", "< +5 ms")
     t.add_row("  ref: llama-cpp create_chat_completion (tok/s | TTFT ms)",
               f"{f1(c_tps)} | {f1(c_ttft)}", "", "", "info")
     for conc, m in sorted(res.concurrency.items()):

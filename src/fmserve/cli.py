@@ -151,12 +151,11 @@ def endpoints_list(host: Host = DEFAULT_HOST, token: Token = None) -> None:
     """List serving endpoints."""
     with _client(host, token) as c:
         body = _call(c, "GET", "/api/2.0/serving-endpoints")
-    table = Table("name", "task", "state", "served entities", "description")
+    table = Table("name", "task", "state", "served entities")
     for ep in body.get("endpoints", []):
         entities = ", ".join(e.get("entity_name") or e["name"]
                              for e in ep.get("config", {}).get("served_entities", []))
-        table.add_row(ep["name"], ep.get("task", ""), ep["state"]["ready"], entities,
-                      ep.get("description", ""))
+        table.add_row(ep["name"], ep.get("task", ""), ep["state"]["ready"], entities)
     console.print(table)
 
 
