@@ -8,11 +8,10 @@ import math
 from collections.abc import Iterator
 
 import pytest
+from conftest import CHAT, EMBED, Server
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import NotFound, ResourceDoesNotExist
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
-
-from conftest import CHAT, EMBED, Server
 
 # Env vars that would make the SDK pick another auth method or profile.
 _FOREIGN_ENV = ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID",
@@ -87,7 +86,8 @@ def test_sdk_query_chat(ws: WorkspaceClient) -> None:
     assert r.usage.completion_tokens is not None and 0 < r.usage.completion_tokens <= 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     again = ws.serving_endpoints.query(name=CHAT, messages=msgs, max_tokens=12, temperature=0)
-    assert again.choices[0].message is not None and again.choices[0].message.content == text
+    assert again.choices and again.choices[0].message is not None
+    assert again.choices[0].message.content == text
 
 
 def test_sdk_query_completions_prompt(ws: WorkspaceClient) -> None:

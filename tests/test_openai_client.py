@@ -11,11 +11,12 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from openai import OpenAI
-
 from conftest import CHAT, EMBED, Server
+from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
-PROMPT = [{"role": "user", "content": "Name three colors of the rainbow."}]
+PROMPT: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Name three colors of the rainbow."}]
 MAX_TOKENS = 16
 
 
@@ -37,7 +38,7 @@ def _bad_client(server: Server, **kw) -> OpenAI:  # type: ignore[no-untyped-def]
 
 
 def test_chat_is_deterministic_at_temperature_zero(client: OpenAI) -> None:
-    answers = [client.chat.completions.create(model=CHAT, messages=PROMPT,  # type: ignore[arg-type]
+    answers = [client.chat.completions.create(model=CHAT, messages=PROMPT,
                                               temperature=0, max_tokens=MAX_TOKENS)
                for _ in range(2)]
     first, second = answers
@@ -61,9 +62,9 @@ def test_chat_is_deterministic_at_temperature_zero(client: OpenAI) -> None:
 
 
 def test_chat_stream_matches_non_streamed_answer(client: OpenAI) -> None:
-    full = client.chat.completions.create(model=CHAT, messages=PROMPT,  # type: ignore[arg-type]
+    full = client.chat.completions.create(model=CHAT, messages=PROMPT,
                                           temperature=0, max_tokens=MAX_TOKENS)
-    stream = client.chat.completions.create(model=CHAT, messages=PROMPT,  # type: ignore[arg-type]
+    stream = client.chat.completions.create(model=CHAT, messages=PROMPT,
                                             temperature=0, max_tokens=MAX_TOKENS, stream=True)
     chunks = list(stream)
     assert len(chunks) >= 2
@@ -176,7 +177,7 @@ def test_models_list(client: OpenAI) -> None:
 def test_unknown_model_is_not_found(server: Server) -> None:
     c = _bad_client(server)
     with pytest.raises(openai.NotFoundError) as ei:
-        c.chat.completions.create(model="no-such-endpoint", messages=PROMPT,  # type: ignore[arg-type]
+        c.chat.completions.create(model="no-such-endpoint", messages=PROMPT,
                                   max_tokens=4)
     assert ei.value.status_code == 404
     assert isinstance(ei.value.body, dict)
@@ -189,7 +190,7 @@ def test_unknown_model_is_not_found(server: Server) -> None:
 def test_wrong_api_key_is_authentication_error(server: Server) -> None:
     c = _bad_client(server, api_key="dapi-not-a-real-token")
     with pytest.raises(openai.AuthenticationError) as ei:
-        c.chat.completions.create(model=CHAT, messages=PROMPT, max_tokens=4)  # type: ignore[arg-type]
+        c.chat.completions.create(model=CHAT, messages=PROMPT, max_tokens=4)
     assert ei.value.status_code == 401
     assert isinstance(ei.value.body, dict)
     assert ei.value.body["error_code"] == "UNAUTHENTICATED"
@@ -200,7 +201,7 @@ def test_wrong_api_key_is_authentication_error(server: Server) -> None:
 def test_n_out_of_range_is_bad_request(server: Server) -> None:
     c = _bad_client(server)
     with pytest.raises(openai.BadRequestError) as ei:
-        c.chat.completions.create(model=CHAT, messages=PROMPT, max_tokens=4, n=9)  # type: ignore[arg-type]
+        c.chat.completions.create(model=CHAT, messages=PROMPT, max_tokens=4, n=9)
     assert ei.value.status_code == 400
     assert isinstance(ei.value.body, dict)
     assert ei.value.body["error_code"] in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
@@ -211,6 +212,6 @@ def test_n_out_of_range_is_bad_request(server: Server) -> None:
 def test_embeddings_model_rejects_chat(server: Server) -> None:
     c = _bad_client(server)
     with pytest.raises(openai.BadRequestError) as ei:
-        c.chat.completions.create(model=EMBED, messages=PROMPT, max_tokens=4)  # type: ignore[arg-type]
+        c.chat.completions.create(model=EMBED, messages=PROMPT, max_tokens=4)
     assert isinstance(ei.value.body, dict)
     assert EMBED in ei.value.body["message"]

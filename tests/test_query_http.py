@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import CHAT, EMBED, Server
 
 INVOKE_CHAT = f"/serving-endpoints/{CHAT}/invocations"
@@ -60,7 +59,7 @@ def test_basic_auth_token_password(server: Server) -> None:
         _error(c.get("/api/2.0/serving-endpoints"), 401, "UNAUTHENTICATED")
 
 
-@pytest.mark.parametrize("header", [None, "Bearer dapi-not-a-token", "Bearer ", "Token abc",
+@pytest.mark.parametrize("header", [None, "Bearer dapi-not-a-token", "Bearer", "Token abc",
                                     "Basic !!!not-base64!!!"])
 def test_bad_credentials_are_401(server: Server, header: str | None) -> None:
     headers = {"Authorization": header} if header is not None else {}

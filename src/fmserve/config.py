@@ -29,6 +29,8 @@ class ServerConfig:
         max_queue: requests allowed to wait per worker before 503 + Retry-After.
         max_body_bytes: request body limit (4 MB for foundation-model endpoints, spec §10).
         n_ctx: llama.cpp context in tokens (0 = the model's training context).
+        sync_interval_s: how often (s) to pick up endpoint changes made by other
+            server processes sharing the database.
         bundled: start the bundled pay-per-token endpoints.
     """
 
@@ -41,5 +43,6 @@ class ServerConfig:
     max_queue: int = field(default_factory=lambda: _env_int("FMSERVE_MAX_QUEUE", 64))
     max_body_bytes: int = 4 * 1024 * 1024
     n_ctx: int = field(default_factory=lambda: _env_int("FMSERVE_N_CTX", 8192))
+    sync_interval_s: float = 2.0
     bundled: bool = True
     print_token: bool = True

@@ -12,6 +12,7 @@ providers) translate their own exceptions into one of these where they arise;
     ├── Unauthenticated               401 UNAUTHENTICATED
     ├── PermissionDenied              403 PERMISSION_DENIED
     ├── ResourceDoesNotExist          404 RESOURCE_DOES_NOT_EXIST
+    ├── ResourceAlreadyExists         409 RESOURCE_ALREADY_EXISTS
     ├── PayloadTooLarge               413 BAD_REQUEST
     ├── RequestLimitExceeded          429 REQUEST_LIMIT_EXCEEDED   (+ Retry-After)
     └── TemporarilyUnavailable        503 TEMPORARILY_UNAVAILABLE  (+ Retry-After)
@@ -79,6 +80,11 @@ class PermissionDenied(FmserveError):
 class ResourceDoesNotExist(FmserveError):
     status_code = 404
     error_code = "RESOURCE_DOES_NOT_EXIST"
+
+
+class ResourceAlreadyExists(FmserveError):
+    status_code = 409
+    error_code = "RESOURCE_ALREADY_EXISTS"
 
 
 class PayloadTooLarge(FmserveError):

@@ -20,9 +20,11 @@ from fmserve.serving.endpoints import (
     bundled_endpoints,
     describe_embeddings,
 )
+from fmserve.serving.manager import EndpointManager
 from fmserve.serving.metrics import ServingMetrics
 from fmserve.serving.query import QueryService
 from fmserve.store.db import Database, sqlite_url
+from fmserve.store.endpoints import EndpointStore
 from fmserve.store.tokens import TokenStore
 
 log = logging.getLogger("fmserve")
@@ -35,6 +37,7 @@ class AppState:
     tokens: TokenStore
     auth: Authenticator
     registry: EndpointRegistry
+    manager: EndpointManager
     query: QueryService
     metrics: ServingMetrics
     workspace_id: str
@@ -58,20 +61,26 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             for ep in bundled_endpoints(cfg):
                 registry.add(ep)
         workers = registry.workers()
+        manager = EndpointManager(cfg, EndpointStore(db), registry)
         app.state.fm = AppState(
             config=cfg, db=db, tokens=tokens, auth=Authenticator(tokens), registry=registry,
-            query=QueryService(registry), metrics=ServingMetrics(registry.workers),
-            workspace_id=db.workspace_id())
+            manager=manager, query=QueryService(registry),
+            metrics=ServingMetrics(registry.workers), workspace_id=db.workspace_id())
+        await manager.sync()  # user endpoints come back, loading in the background
         await asyncio.gather(*(w.start() for w in workers))
         for w in workers:
             if w.state != "ready":
                 log.error("served entity %s is not ready: %s", w.name, w.state_message)
         if cfg.bundled:
             describe_embeddings(registry.get(MINILM_ENDPOINT))
+        syncer = asyncio.create_task(manager.run_sync_loop(cfg.sync_interval_s))
         try:
             yield
         finally:
-            await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+            syncer.cancel()
+            await manager.close()
+            await asyncio.gather(*(w.stop() for w in registry.workers()),
+                                 return_exceptions=True)
             db.close()
 
     app = FastAPI(title="fmserve", version=__version__, lifespan=lifespan,

@@ -1,16 +1,21 @@
-"""Endpoint-management routes (spec §2.3, §4): list and get serving endpoints.
+"""Endpoint-management routes (spec §2.3, §4, §12).
 
 Both ``/api/2.0/serving-endpoints`` and the trailing-slash form mlflow sends
-answer list (spec §12.1); list is always ``{"endpoints": [...]}``.
+answer list and create; list is always ``{"endpoints": [...]}``; every 2xx has a
+JSON body (DELETE → ``{}``), as mlflow requires.
 """
 
 from __future__ import annotations
+
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from fmserve.api.deps import principal
+from fmserve.api.deps import principal, read_json
+from fmserve.gateway.auth import Principal
+from fmserve.serving import observe
 
 router = APIRouter(prefix="/api/2.0/serving-endpoints", dependencies=[Depends(principal)])
 
@@ -19,13 +24,78 @@ def _json(body: object) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
+def _fm(request: Request) -> Any:
+    return request.app.state.fm
+
+
 @router.get("")
 @router.get("/")
 async def list_endpoints(request: Request) -> Response:
-    eps = request.app.state.fm.registry.all()
-    return _json({"endpoints": [ep.as_dict() for ep in eps]})
+    return _json({"endpoints": [ep.as_dict() for ep in _fm(request).registry.all()]})
+
+
+@router.post("")
+@router.post("/")
+async def create_endpoint(request: Request,
+                          who: Annotated[Principal, Depends(principal)]) -> Response:
+    return _json(await _fm(request).manager.create(await read_json(request), who.user))
 
 
 @router.get("/{name}")
 async def get_endpoint(request: Request, name: str) -> Response:
-    return _json(request.app.state.fm.registry.get(name).as_dict())
+    return _json(_fm(request).registry.get(name).as_dict())
+
+
+@router.delete("/{name}")
+async def delete_endpoint(request: Request, name: str) -> Response:
+    await _fm(request).manager.delete(name)
+    return _json({})
+
+
+@router.put("/{name}/config")
+async def update_config(request: Request, name: str) -> Response:
+    return _json(await _fm(request).manager.update_config(name, await read_json(request)))
+
+
+@router.patch("/{name}/tags")
+async def patch_tags(request: Request, name: str) -> Response:
+    return _json({"tags": _fm(request).manager.patch_tags(name, await read_json(request))})
+
+
+@router.put("/{name}/ai-gateway")
+async def put_ai_gateway(request: Request, name: str) -> Response:
+    return _json(_fm(request).manager.put_ai_gateway(name, await read_json(request)))
+
+
+@router.put("/{name}/rate-limits")
+async def put_rate_limits(request: Request, name: str) -> Response:
+    return _json({"rate_limits": _fm(request).manager.put_rate_limits(
+        name, await read_json(request))})
+
+
+@router.get("/{name}/served-models/{entity}/logs")
+async def logs(request: Request, name: str, entity: str) -> Response:
+    ep = _fm(request).registry.get(name)
+    return _json({"logs": observe.log_tail(observe.entity_worker(ep, entity))})
+
+
+@router.get("/{name}/served-models/{entity}/build-logs")
+async def build_logs(request: Request, name: str, entity: str) -> Response:
+    ep = _fm(request).registry.get(name)
+    return _json({"logs": observe.log_head(observe.entity_worker(ep, entity))})
+
+
+@router.get("/{name}/metrics")
+async def endpoint_metrics(request: Request, name: str) -> Response:
+    fm = _fm(request)
+    ep = fm.registry.get(name)
+    return Response(observe.endpoint_metrics(fm.metrics.registry, ep),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/{name}/openapi")
+async def openapi(request: Request, name: str) -> Response:
+    ep = _fm(request).registry.get(name)
+    base = str(request.base_url).rstrip("/")
+    return Response(orjson.dumps(observe.openapi_doc(ep, base), option=orjson.OPT_INDENT_2),
+                    media_type="text/plain; charset=utf-8")

@@ -6,9 +6,9 @@ the wire, as in the SDK's ``as_dict``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class FoundationModel(BaseModel):
@@ -30,13 +30,19 @@ class ServedEntityState(BaseModel):
 
 
 class ServedEntityOutput(BaseModel):
+    model_config = ConfigDict(extra="allow")  # echoes the input's other fields
+
     name: str
     entity_name: str | None = None
     entity_version: str | None = None
     foundation_model: FoundationModel | None = None
     creation_timestamp: int | None = None
     creator: str | None = None
+    workload_size: str | None = None
+    workload_type: str | None = None
     scale_to_zero_enabled: bool | None = None
+    min_provisioned_throughput: int | None = None
+    max_provisioned_throughput: int | None = None
     state: ServedEntityState | None = None
 
 
@@ -51,6 +57,13 @@ class TrafficConfig(BaseModel):
 
 
 class EndpointCoreConfigOutput(BaseModel):
+    config_version: int | None = None
+    served_entities: list[ServedEntityOutput] = []
+    traffic_config: TrafficConfig | None = None
+
+
+class EndpointPendingConfig(BaseModel):
+    start_time: int | None = None  # ms
     config_version: int | None = None
     served_entities: list[ServedEntityOutput] = []
     traffic_config: TrafficConfig | None = None
@@ -77,8 +90,11 @@ class ServingEndpointDetailed(BaseModel):
     description: str | None = None
     state: EndpointState
     config: EndpointCoreConfigOutput | None = None
+    pending_config: EndpointPendingConfig | None = None
     task: str | None = None
     tags: list[EndpointTag] = []
     permission_level: Literal["CAN_MANAGE", "CAN_QUERY", "CAN_VIEW"] | None = None
     route_optimized: bool | None = None
     endpoint_type: str | None = None
+    ai_gateway: dict[str, Any] | None = None
+    rate_limits: list[dict[str, Any]] | None = None

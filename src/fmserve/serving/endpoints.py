@@ -1,8 +1,10 @@
-"""Serving endpoints and their served entities; the bundled pay-per-token endpoints.
+"""Serving endpoints and their served entities, as live objects.
 
 A :class:`ServingEndpoint` has a task (``llm/v1/chat``, ``llm/v1/embeddings`` …),
-served entities (each backed by a :class:`~fmserve.backends.Backend`) and a
-traffic config. :class:`EndpointRegistry` holds the live endpoints by name.
+served entities (each backed by a :class:`~fmserve.backends.Backend`, local ones
+by a :class:`~fmserve.engines.supervisor.WorkerProcess`), a traffic config, and
+while a config change rolls out a pending config. :class:`EndpointRegistry`
+holds the live endpoints by name.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from typing import Any
 
 from fmserve.backends import Backend
 from fmserve.config import ServerConfig
-from fmserve.engines import bundled
 from fmserve.engines.local import EmbeddingBackend, LlamaBackend
 from fmserve.engines.supervisor import WorkerProcess
-from fmserve.errors import ResourceDoesNotExist
+from fmserve.errors import ResourceDoesNotExist, TemporarilyUnavailable
 from fmserve.protocol.endpoints import (
     EndpointCoreConfigOutput,
+    EndpointPendingConfig,
     EndpointState,
+    EndpointTag,
     FoundationModel,
     Route,
     ServedEntityOutput,
@@ -30,36 +33,85 @@ from fmserve.protocol.endpoints import (
     ServingEndpointDetailed,
     TrafficConfig,
 )
+from fmserve.protocol.management import ServedEntityInput
+from fmserve.serving.catalog import (  # noqa: F401 - re-exported task names
+    TASK_CHAT,
+    TASK_COMPLETIONS,
+    TASK_EMBEDDINGS,
+    ModelSource,
+    resolve,
+)
 
-TASK_CHAT = "llm/v1/chat"
-TASK_COMPLETIONS = "llm/v1/completions"
-TASK_EMBEDDINGS = "llm/v1/embeddings"
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @dataclass
 class ServedEntity:
     name: str
     entity_name: str
-    entity_version: str
+    entity_version: str | None
     backend: Backend
     foundation_model: FoundationModel | None = None
     worker: WorkerProcess | None = None
+    input: ServedEntityInput | None = None
+    created_ms: int = field(default_factory=now_ms)
 
-    def output(self, created_ms: int, creator: str) -> ServedEntityOutput:
+    def state(self) -> ServedEntityState:
+        w = self.worker
         if self.backend.ready():
-            state = ServedEntityState(deployment="DEPLOYMENT_READY",
-                                      deployment_state_message="")
-        elif self.worker is not None and self.worker.state == "failed":
-            state = ServedEntityState(deployment="DEPLOYMENT_FAILED",
-                                      deployment_state_message=self.worker.state_message)
-        else:
-            msg = self.worker.state_message if self.worker else ""
-            state = ServedEntityState(deployment="DEPLOYMENT_RECOVERING",
-                                      deployment_state_message=msg)
-        return ServedEntityOutput(name=self.name, entity_name=self.entity_name,
+            return ServedEntityState(deployment="DEPLOYMENT_READY", deployment_state_message="")
+        if w is not None and w.state == "failed":
+            return ServedEntityState(deployment="DEPLOYMENT_FAILED",
+                                     deployment_state_message=w.state_message)
+        if w is not None and w.state == "starting" and w.restarts == 0:
+            return ServedEntityState(deployment="DEPLOYMENT_CREATING",
+                                     deployment_state_message="Loading the model")
+        msg = w.state_message if w else ""
+        return ServedEntityState(deployment="DEPLOYMENT_RECOVERING", deployment_state_message=msg)
+
+    def output(self, creator: str) -> ServedEntityOutput:
+        extra = self.input.model_dump(exclude_none=True, exclude={"name", "entity_name",
+                                                                  "entity_version"}) \
+            if self.input else {}
+        return ServedEntityOutput(**extra, name=self.name, entity_name=self.entity_name,
                                   entity_version=self.entity_version,
                                   foundation_model=self.foundation_model,
-                                  creation_timestamp=created_ms, creator=creator, state=state)
+                                  creation_timestamp=self.created_ms, creator=creator,
+                                  state=self.state())
+
+
+def build_entity(endpoint: str, inp: ServedEntityInput, source: ModelSource,
+                 cfg: ServerConfig) -> ServedEntity:
+    """A served entity with its (not yet started) worker process."""
+    name = inp.served_name()
+    log_path = Path(cfg.data_dir) / "logs" / endpoint / f"{name}.log"
+    if source.engine == "llama_cpp":
+        spec: dict[str, Any] = {"engine": "llama_cpp", "model_path": source.path,
+                                "n_ctx": cfg.n_ctx, "n_threads": cfg.llama_threads or None}
+    else:
+        spec = {"engine": "sentence_transformers", "model_path": source.path,
+                "n_threads": cfg.embed_threads or None}
+    worker = WorkerProcess(f"{endpoint}/{name}", spec, log_path, max_queue=cfg.max_queue)
+    backend: Backend = (LlamaBackend(name, worker) if source.engine == "llama_cpp"
+                        else EmbeddingBackend(name, worker))
+    return ServedEntity(name=name, entity_name=inp.entity_name or name,
+                        entity_version=inp.entity_version, backend=backend,
+                        foundation_model=source.foundation_model, worker=worker, input=inp)
+
+
+@dataclass
+class PendingConfig:
+    version: int
+    entities: list[ServedEntity]
+    routes: list[tuple[str, int]]
+    start_ms: int = field(default_factory=now_ms)
+
+
+def _traffic(routes: list[tuple[str, int]]) -> TrafficConfig:
+    return TrafficConfig(routes=[Route(served_model_name=n, served_entity_name=n,
+                                       traffic_percentage=p) for n, p in routes])
 
 
 @dataclass
@@ -71,18 +123,39 @@ class ServingEndpoint:
     description: str = ""
     creator: str = "system"
     endpoint_type: str = "FOUNDATION_MODEL_API"
-    created_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    created_ms: int = field(default_factory=now_ms)
+    updated_ms: int = 0
     config_version: int = 1
+    endpoint_id: str = ""
+    tags: list[dict[str, Any]] = field(default_factory=list)
+    ai_gateway: dict[str, Any] | None = None
+    rate_limits: list[dict[str, Any]] | None = None
+    config_update: str = "NOT_UPDATING"
+    pending: PendingConfig | None = None
+    permission_level: str = "CAN_QUERY"
+    user_created: bool = False
 
     @property
     def id(self) -> str:
-        return hashlib.sha256(self.name.encode()).hexdigest()[:32]
+        return self.endpoint_id or hashlib.sha256(self.name.encode()).hexdigest()[:32]
+
+    @property
+    def target_version(self) -> int:
+        """The config version deployed or being deployed."""
+        return self.pending.version if self.pending else self.config_version
 
     def ready(self) -> bool:
         return any(e.backend.ready() for e in self.entities)
 
+    def workers(self) -> list[WorkerProcess]:
+        pending = self.pending.entities if self.pending else []
+        return [e.worker for e in [*self.entities, *pending] if e.worker]
+
     def pick(self, rng: random.Random) -> ServedEntity:
         """A served entity chosen at random, weighted by ``traffic_percentage``."""
+        if not self.entities:
+            raise TemporarilyUnavailable(
+                f"Endpoint '{self.name}' has no served entity ready yet.", retry_after=5)
         names = [n for n, _ in self.routes]
         weights = [w for _, w in self.routes]
         if len(names) == 1 or not any(weights):
@@ -97,21 +170,30 @@ class ServingEndpoint:
             f"Served model '{name}' does not exist in endpoint '{self.name}'.")
 
     def detailed(self) -> ServingEndpointDetailed:
+        config = None
+        if self.entities:
+            config = EndpointCoreConfigOutput(
+                config_version=self.config_version,
+                served_entities=[e.output(self.creator) for e in self.entities],
+                traffic_config=_traffic(self.routes))
+        pending = None
+        if self.pending:
+            pending = EndpointPendingConfig(
+                start_time=self.pending.start_ms, config_version=self.pending.version,
+                served_entities=[e.output(self.creator) for e in self.pending.entities],
+                traffic_config=_traffic(self.pending.routes))
         return ServingEndpointDetailed(
             name=self.name, id=self.id, creator=self.creator,
-            creation_timestamp=self.created_ms, last_updated_timestamp=self.created_ms,
-            description=self.description,
+            creation_timestamp=self.created_ms,
+            last_updated_timestamp=self.updated_ms or self.created_ms,
+            description=self.description or None,
             state=EndpointState(ready="READY" if self.ready() else "NOT_READY",
-                                config_update="NOT_UPDATING"),
-            config=EndpointCoreConfigOutput(
-                config_version=self.config_version,
-                served_entities=[e.output(self.created_ms, self.creator) for e in self.entities],
-                traffic_config=TrafficConfig(routes=[
-                    Route(served_model_name=n, served_entity_name=n, traffic_percentage=p)
-                    for n, p in self.routes]),
-            ),
-            task=self.task, tags=[], permission_level="CAN_QUERY", route_optimized=False,
-            endpoint_type=self.endpoint_type,
+                                config_update=self.config_update),  # type: ignore[arg-type]
+            config=config, pending_config=pending, task=self.task,
+            tags=[EndpointTag(**t) for t in self.tags],
+            permission_level=self.permission_level,  # type: ignore[arg-type]
+            route_optimized=False, endpoint_type=self.endpoint_type,
+            ai_gateway=self.ai_gateway, rate_limits=self.rate_limits,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,6 +209,12 @@ class EndpointRegistry:
     def add(self, endpoint: ServingEndpoint) -> None:
         self._by_name[endpoint.name] = endpoint
 
+    def remove(self, name: str) -> ServingEndpoint | None:
+        return self._by_name.pop(name, None)
+
+    def find(self, name: str) -> ServingEndpoint | None:
+        return self._by_name.get(name)
+
     def get(self, name: str) -> ServingEndpoint:
         """Raises ResourceDoesNotExist (404) for an unknown name."""
         ep = self._by_name.get(name)
@@ -138,7 +226,7 @@ class EndpointRegistry:
         return sorted(self._by_name.values(), key=lambda e: e.name)
 
     def workers(self) -> list[WorkerProcess]:
-        return [e.worker for ep in self._by_name.values() for e in ep.entities if e.worker]
+        return [w for ep in self._by_name.values() for w in ep.workers()]
 
 
 SMOLLM2_ENDPOINT = "databricks-smollm2-135m-instruct"
@@ -147,42 +235,22 @@ MINILM_ENDPOINT = "databricks-all-minilm-l6-v2"
 
 def bundled_endpoints(cfg: ServerConfig) -> list[ServingEndpoint]:
     """The pay-per-token endpoints served from the weights packages (DESIGN.md)."""
-    logs = Path(cfg.data_dir) / "logs"
-    llama_worker = WorkerProcess(
-        SMOLLM2_ENDPOINT,
-        {"engine": "llama_cpp", "model_path": str(bundled.smollm2_gguf()),
-         "n_ctx": cfg.n_ctx, "n_threads": cfg.llama_threads or None},
-        logs / f"{SMOLLM2_ENDPOINT}.log", max_queue=cfg.max_queue)
-    embed_worker = WorkerProcess(
-        MINILM_ENDPOINT,
-        {"engine": "sentence_transformers", "model_path": str(bundled.minilm_folder()),
-         "n_threads": cfg.embed_threads or None},
-        logs / f"{MINILM_ENDPOINT}.log", max_queue=cfg.max_queue)
-    chat = ServingEndpoint(
-        name=SMOLLM2_ENDPOINT, task=TASK_CHAT,
-        description="SmolLM2-135M-Instruct (Q4_1 GGUF, llama.cpp). Chat and completions.",
-        entities=[ServedEntity(
-            name=SMOLLM2_ENDPOINT, entity_name="system.ai.smollm2-135m-instruct",
-            entity_version="1", backend=LlamaBackend(SMOLLM2_ENDPOINT, llama_worker),
-            worker=llama_worker,
-            foundation_model=FoundationModel(
-                name="smollm2-135m-instruct", display_name="SmolLM2 135M Instruct",
-                description="Hugging Face SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF on llama.cpp.",
-                docs="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"))],
-        routes=[(SMOLLM2_ENDPOINT, 100)])
-    embed = ServingEndpoint(
-        name=MINILM_ENDPOINT, task=TASK_EMBEDDINGS,
-        description="all-MiniLM-L6-v2 sentence embeddings (sentence-transformers), "
-                    "384 dimensions.",
-        entities=[ServedEntity(
-            name=MINILM_ENDPOINT, entity_name="system.ai.all-minilm-l6-v2", entity_version="1",
-            backend=EmbeddingBackend(MINILM_ENDPOINT, embed_worker), worker=embed_worker,
-            foundation_model=FoundationModel(
-                name="all-minilm-l6-v2", display_name="all-MiniLM-L6-v2",
-                description="sentence-transformers/all-MiniLM-L6-v2, 384-dim embeddings.",
-                docs="https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2"))],
-        routes=[(MINILM_ENDPOINT, 100)])
-    return [chat, embed]
+    out = []
+    for ep_name, model, task, desc in (
+        (SMOLLM2_ENDPOINT, "system.ai.smollm2-135m-instruct", TASK_CHAT,
+         "SmolLM2-135M-Instruct (Q4_1 GGUF, llama.cpp). Chat and completions."),
+        (MINILM_ENDPOINT, "system.ai.all-minilm-l6-v2", TASK_EMBEDDINGS,
+         "all-MiniLM-L6-v2 sentence embeddings (sentence-transformers), 384 dimensions."),
+    ):
+        inp = ServedEntityInput(name=ep_name, entity_name=model, entity_version="1")
+        entity = build_entity(ep_name, inp, resolve(model), cfg)
+        entity.input = None  # nothing user-supplied to echo
+        if entity.worker:
+            entity.worker.name = ep_name
+            entity.worker.log_path = Path(cfg.data_dir) / "logs" / f"{ep_name}.log"
+        out.append(ServingEndpoint(name=ep_name, task=task, entities=[entity],
+                                   routes=[(ep_name, 100)], description=desc))
+    return out
 
 
 def describe_embeddings(endpoint: ServingEndpoint) -> None:

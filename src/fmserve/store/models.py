@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, String
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -32,3 +34,26 @@ class Setting(Base):
 
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     value: Mapped[str] = mapped_column(String(4096))
+
+
+class Endpoint(Base):
+    """A user-created serving endpoint: its definition as the API received it.
+
+    Runtime state (workers, readiness) is not stored; every server process that
+    shares the database deploys the stored definition itself.
+    """
+
+    __tablename__ = "serving_endpoints"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    creator: Mapped[str] = mapped_column(String(255))
+    creation_timestamp: Mapped[int] = mapped_column(BigInteger)  # ms
+    last_updated_timestamp: Mapped[int] = mapped_column(BigInteger)  # ms
+    description: Mapped[str] = mapped_column(Text, default="")
+    task: Mapped[str] = mapped_column(String(64))
+    config_version: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # EndpointCoreConfigInput
+    tags: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    ai_gateway: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    rate_limits: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)

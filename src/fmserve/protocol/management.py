@@ -1,0 +1,171 @@
+"""Endpoint-management request bodies (spec §2.3–§2.4, databricks-sdk ``service/serving.py``).
+
+Inputs are lenient about fields the SDK and mlflow serialize but fmserve does not
+act on (``config.name``, ``budget_policy_id``, ``email_notifications`` …): they
+are accepted and kept. Validation that needs the model registry (known
+``entity_name``, one task per endpoint) lives in ``serving/manager.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+MAX_SERVED_ENTITIES = 15  # databricks-sdk-py#1496: the real limit
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ServedEntityInput(_Lenient):
+    """One served entity: a local model (``entity_name``) or, later, an external model."""
+
+    name: str | None = None
+    entity_name: str | None = None
+    entity_version: str | None = None
+    external_model: dict[str, Any] | None = None
+    workload_size: str | None = None
+    workload_type: str | None = None
+    scale_to_zero_enabled: bool | None = None
+    min_provisioned_throughput: int | None = Field(default=None, ge=0)
+    max_provisioned_throughput: int | None = Field(default=None, ge=0)
+    min_provisioned_concurrency: int | None = Field(default=None, ge=0)
+    max_provisioned_concurrency: int | None = Field(default=None, ge=0)
+    provisioned_model_units: int | None = Field(default=None, ge=0)
+    environment_vars: dict[str, str] | None = None
+
+    def served_name(self) -> str:
+        """The entity's name; default ``<entity_name>-<entity_version>`` as the SDK documents."""
+        if self.name:
+            return self.name
+        if self.external_model:
+            return str(self.external_model.get("name", "external")).replace(".", "-").replace(
+                ":", "-")
+        base = (self.entity_name or "entity").replace(".", "-").replace("/", "-")
+        return f"{base}-{self.entity_version}" if self.entity_version else base
+
+
+class RouteInput(_Lenient):
+    served_model_name: str | None = None
+    served_entity_name: str | None = None
+    traffic_percentage: int = Field(ge=0, le=100)
+
+    def target(self) -> str:
+        name = self.served_entity_name or self.served_model_name
+        if not name:
+            raise ValueError("a route needs served_entity_name or served_model_name")
+        return name
+
+
+class TrafficConfigInput(_Lenient):
+    routes: list[RouteInput] = []
+
+
+class EndpointCoreConfigInput(_Lenient):
+    """``config`` of create and the body of ``PUT …/{name}/config``."""
+
+    name: str | None = None  # serialized by the SDK inside config; ignored (spec §2.4)
+    served_entities: list[ServedEntityInput] | None = None
+    served_models: list[dict[str, Any]] | None = None  # deprecated form
+    traffic_config: TrafficConfigInput | None = None
+    auto_capture_config: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _entities(self) -> EndpointCoreConfigInput:
+        if self.served_entities is None and self.served_models:
+            # Legacy served_models: {name, model_name, model_version, workload_size, ...}
+            self.served_entities = [
+                ServedEntityInput.model_validate({
+                    **{k: v for k, v in m.items() if k not in ("model_name", "model_version")},
+                    "entity_name": m.get("model_name"), "entity_version": m.get("model_version"),
+                }) for m in self.served_models]
+        entities = self.served_entities or []
+        if not entities:
+            raise ValueError("config.served_entities must name at least one served entity")
+        if len(entities) > MAX_SERVED_ENTITIES:
+            raise ValueError(f"at most {MAX_SERVED_ENTITIES} served entities are allowed per "
+                             f"endpoint, got {len(entities)}")
+        names = [e.served_name() for e in entities]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"served entity names must be unique; repeated: {sorted(dup)}")
+        return self
+
+    def routes(self) -> list[tuple[str, int]]:
+        """``(served entity name, percentage)``; default: all traffic to a single entity.
+
+        Raises:
+            ValueError: routes naming unknown entities, or percentages not summing to 100.
+        """
+        names = [e.served_name() for e in self.served_entities or []]
+        if self.traffic_config is None or not self.traffic_config.routes:
+            if len(names) == 1:
+                return [(names[0], 100)]
+            raise ValueError("traffic_config.routes is required when there are several "
+                             "served entities")
+        routes = [(r.target(), r.traffic_percentage) for r in self.traffic_config.routes]
+        unknown = [n for n, _ in routes if n not in names]
+        if unknown:
+            raise ValueError(f"traffic_config.routes name unknown served entities {unknown}; "
+                             f"served entities are {names}")
+        total = sum(p for _, p in routes)
+        if total != 100:
+            raise ValueError(f"traffic_config.routes traffic_percentage must sum to 100, "
+                             f"got {total}")
+        return routes
+
+
+class EndpointTagInput(BaseModel):
+    key: str = Field(min_length=1, max_length=255)
+    value: str | None = None
+
+
+class RateLimitInput(_Lenient):
+    calls: int | None = Field(default=None, ge=0)
+    tokens: int | None = Field(default=None, ge=0)
+    renewal_period: Literal["minute"] = "minute"
+    key: Literal["endpoint", "user", "user_group", "service_principal"] | None = None
+    principal: str | None = None
+
+
+class AiGatewayInput(_Lenient):
+    """``PUT …/{name}/ai-gateway`` body (stored now; enforced by the gateway later)."""
+
+    usage_tracking_config: dict[str, Any] | None = None
+    inference_table_config: dict[str, Any] | None = None
+    rate_limits: list[RateLimitInput] | None = None
+    guardrails: dict[str, Any] | None = None
+    fallback_config: dict[str, Any] | None = None
+
+
+class CreateServingEndpoint(_Lenient):
+    """``POST /api/2.0/serving-endpoints`` body."""
+
+    name: str
+    config: EndpointCoreConfigInput
+    ai_gateway: AiGatewayInput | None = None
+    rate_limits: list[RateLimitInput] | None = None
+    tags: list[EndpointTagInput] | None = None
+    description: str | None = None
+    route_optimized: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("an endpoint name is 1-63 characters: letters, digits, '-' and '_', "
+                             "starting with a letter or digit")
+        return v
+
+
+class PatchTags(_Lenient):
+    add_tags: list[EndpointTagInput] | None = None
+    delete_tags: list[str] | None = None
+
+
+class PutRateLimits(_Lenient):
+    rate_limits: list[RateLimitInput] = []

@@ -1,0 +1,273 @@
+"""Creating, changing and deleting serving endpoints, and rolling configs out.
+
+The store holds each user endpoint's definition; this manager makes the live
+registry match it. A config change rolls out as a *pending config*: its workers
+start while the current config keeps serving; when every new served entity is
+ready, traffic switches over and the old workers are drained and stopped
+(``state.config_update`` IN_PROGRESS → NOT_UPDATING). If any new entity fails to
+load, the update ends UPDATE_FAILED with the loader's message on that entity and
+the current config keeps serving.
+
+Several server processes may share one database: :meth:`EndpointManager.sync`
+(run at start and every ``sync_interval_s``) deploys endpoints that other
+processes created or changed and removes the ones they deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from fmserve.config import ServerConfig
+from fmserve.errors import InvalidParameterValue, ResourceAlreadyExists
+from fmserve.protocol.management import (
+    AiGatewayInput,
+    CreateServingEndpoint,
+    EndpointCoreConfigInput,
+    PatchTags,
+    PutRateLimits,
+)
+from fmserve.protocol.validation import parse_model
+from fmserve.serving.catalog import TASK_CHAT, TASK_EMBEDDINGS, resolve
+from fmserve.serving.endpoints import (
+    EndpointRegistry,
+    PendingConfig,
+    ServedEntity,
+    ServingEndpoint,
+    build_entity,
+)
+from fmserve.store.endpoints import EndpointRecord, EndpointStore
+
+log = logging.getLogger("fmserve.manager")
+
+DRAIN_TIMEOUT_S = 60.0
+
+
+def _plan(cfg: ServerConfig, name: str, config: EndpointCoreConfigInput) -> tuple[
+        str, list[ServedEntity], list[tuple[str, int]]]:
+    """Task, (unstarted) served entities and routes of a config.
+
+    Raises:
+        InvalidParameterValue: 400 for unknown models, mixed tasks or bad routes.
+    """
+    entities_in = config.served_entities or []
+    for e in entities_in:
+        if e.external_model is not None:
+            raise InvalidParameterValue(
+                f"served_entities '{e.served_name()}': external models are not supported by "
+                "this fmserve version; serve a local model (entity_name).")
+    sources = [resolve(e.entity_name) for e in entities_in]
+    tasks = {s.task for s in sources}
+    if len(tasks) > 1:
+        raise InvalidParameterValue(
+            f"All served entities of an endpoint must share one task; got {sorted(tasks)}.")
+    try:
+        routes = config.routes()
+    except ValueError as exc:
+        raise InvalidParameterValue(str(exc)) from None
+    entities = [build_entity(name, e, s, cfg) for e, s in zip(entities_in, sources, strict=True)]
+    return tasks.pop(), entities, routes
+
+
+def _config_dict(config: EndpointCoreConfigInput) -> dict[str, Any]:
+    return config.model_dump(exclude_none=True, exclude={"name", "served_models"})
+
+
+class EndpointManager:
+    def __init__(self, cfg: ServerConfig, store: EndpointStore,
+                 registry: EndpointRegistry) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+
+    # -- API operations --------------------------------------------------------
+    async def create(self, body: dict[str, Any], creator: str) -> dict[str, Any]:
+        """``POST /api/2.0/serving-endpoints``; returns the endpoint (IN_PROGRESS).
+
+        Raises:
+            InvalidParameterValue: 400 for an invalid body or config.
+            ResourceAlreadyExists: 409 when the name is taken.
+        """
+        req = parse_model(CreateServingEndpoint, body)
+        existing = self.registry.find(req.name)
+        if existing is not None:
+            raise ResourceAlreadyExists(f"Endpoint with name '{req.name}' already exists.")
+        task, entities, routes = _plan(self.cfg, req.name, req.config)
+        async with self._lock:
+            rec = self.store.create(
+                name=req.name, creator=creator, task=task, config=_config_dict(req.config),
+                description=req.description or "",
+                tags=[t.model_dump(exclude_none=True) for t in req.tags or []],
+                ai_gateway=req.ai_gateway.model_dump(exclude_none=True) if req.ai_gateway
+                else None,
+                rate_limits=[r.model_dump(exclude_none=True) for r in req.rate_limits]
+                if req.rate_limits else None)
+            ep = self._endpoint(rec)
+            self.registry.add(ep)
+            self._rollout(ep, PendingConfig(rec.config_version, entities, routes))
+        return ep.as_dict()
+
+    async def update_config(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``PUT …/{name}/config``: a new config version rolls out; the old one serves until then.
+
+        Raises:
+            ResourceDoesNotExist: 404; InvalidParameterValue: 400 (also for a task change
+            or while another update is in progress).
+        """
+        ep = self._user_endpoint(name)
+        config = parse_model(EndpointCoreConfigInput, body)
+        task, entities, routes = _plan(self.cfg, name, config)
+        if task != ep.task:
+            raise InvalidParameterValue(
+                f"Endpoint '{name}' serves {ep.task}; an update cannot change it to {task}.")
+        async with self._lock:
+            if ep.pending is not None:
+                raise InvalidParameterValue(
+                    f"Endpoint '{name}' is already being updated (config version "
+                    f"{ep.pending.version}); wait for it to finish.", error_code="INVALID_STATE")
+            rec = self.store.update(name, config=_config_dict(config))
+            ep.updated_ms = rec.last_updated_timestamp
+            self._rollout(ep, PendingConfig(rec.config_version, entities, routes))
+        return ep.as_dict()
+
+    async def delete(self, name: str) -> None:
+        ep = self._user_endpoint(name)
+        async with self._lock:
+            self.store.delete(name)
+            self.registry.remove(name)
+        await self._teardown(ep)
+
+    def patch_tags(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        ep = self._user_endpoint(name)
+        req = parse_model(PatchTags, body)
+        tags = {t["key"]: t for t in ep.tags}
+        for key in req.delete_tags or []:
+            tags.pop(key, None)
+        for tag in req.add_tags or []:
+            tags[tag.key] = tag.model_dump(exclude_none=True)
+        ep.tags = list(tags.values())
+        rec = self.store.update(name, tags=ep.tags)
+        ep.updated_ms = rec.last_updated_timestamp
+        return ep.tags
+
+    def put_ai_gateway(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        ep = self._user_endpoint(name)
+        gw = parse_model(AiGatewayInput, body).model_dump(exclude_none=True)
+        ep.ai_gateway = gw
+        ep.updated_ms = self.store.update(name, ai_gateway=gw).last_updated_timestamp
+        return gw
+
+    def put_rate_limits(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        ep = self._user_endpoint(name)
+        limits = [r.model_dump(exclude_none=True)
+                  for r in parse_model(PutRateLimits, body).rate_limits]
+        ep.rate_limits = limits
+        ep.updated_ms = self.store.update(name, rate_limits=limits).last_updated_timestamp
+        return limits
+
+    def _user_endpoint(self, name: str) -> ServingEndpoint:
+        ep = self.registry.get(name)
+        if not ep.user_created:
+            raise InvalidParameterValue(
+                f"Endpoint '{name}' is a built-in pay-per-token endpoint and cannot be changed.")
+        return ep
+
+    # -- rollout -------------------------------------------------------------------
+    def _endpoint(self, rec: EndpointRecord) -> ServingEndpoint:
+        return ServingEndpoint(
+            name=rec.name, task=rec.task, entities=[], routes=[], description=rec.description,
+            creator=rec.creator, endpoint_type="CUSTOM_MODEL" if rec.task not in (
+                TASK_CHAT, TASK_EMBEDDINGS) else "FOUNDATION_MODEL_API",
+            created_ms=rec.creation_timestamp, updated_ms=rec.last_updated_timestamp,
+            config_version=0, endpoint_id=rec.id, tags=list(rec.tags), ai_gateway=rec.ai_gateway,
+            rate_limits=rec.rate_limits, permission_level="CAN_MANAGE", user_created=True)
+
+    def _rollout(self, ep: ServingEndpoint, pending: PendingConfig) -> None:
+        ep.pending = pending
+        ep.config_update = "IN_PROGRESS"
+        task = asyncio.create_task(self._roll(ep, pending), name=f"rollout-{ep.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _roll(self, ep: ServingEndpoint, pending: PendingConfig) -> None:
+        workers = [e.worker for e in pending.entities if e.worker]
+        await asyncio.gather(*(w.start() for w in workers), return_exceptions=True)
+        if ep.pending is not pending:  # deleted or superseded meanwhile
+            await asyncio.gather(*(w.stop() for w in workers))
+            return
+        failed = [w for w in workers if w.state != "ready"]
+        if failed:
+            ep.config_update = "UPDATE_FAILED"
+            log.error("endpoint %s config %d failed: %s", ep.name, pending.version,
+                      "; ".join(f"{w.name}: {w.state_message}" for w in failed))
+            await asyncio.gather(*(w.stop() for w in workers if w.state == "ready"))
+            return
+        old = ep.entities
+        ep.entities, ep.routes, ep.config_version = pending.entities, pending.routes, \
+            pending.version
+        ep.pending = None
+        ep.config_update = "NOT_UPDATING"
+        log.info("endpoint %s now serves config version %d", ep.name, pending.version)
+        await self._drain([e.worker for e in old if e.worker])
+
+    async def _drain(self, workers: list[Any]) -> None:
+        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+        while any(w.outstanding for w in workers) and \
+                asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+
+    async def _teardown(self, ep: ServingEndpoint) -> None:
+        ep.pending = None
+        await asyncio.gather(*(w.stop() for w in ep.workers()), return_exceptions=True)
+
+    # -- keeping in step with the store ---------------------------------------------
+    async def sync(self) -> None:
+        """Deploy stored endpoints not live here; drop live ones no longer stored."""
+        async with self._lock:
+            records = {r.name: r for r in self.store.all()}
+            for name, rec in records.items():
+                ep = self.registry.find(name)
+                if ep is None:
+                    ep = self._endpoint(rec)
+                    self.registry.add(ep)
+                elif not ep.user_created:
+                    continue
+                ep.tags, ep.ai_gateway, ep.rate_limits = list(rec.tags), rec.ai_gateway, \
+                    rec.rate_limits
+                ep.description = rec.description
+                if rec.config_version > ep.target_version:
+                    try:
+                        config = EndpointCoreConfigInput.model_validate(rec.config)
+                        _, entities, routes = _plan(self.cfg, name, config)
+                    except (InvalidParameterValue, ValueError) as exc:
+                        log.error("stored endpoint %s cannot be deployed: %s", name, exc)
+                        ep.config_update = "UPDATE_FAILED"
+                        continue
+                    ep.updated_ms = rec.last_updated_timestamp
+                    self._rollout(ep, PendingConfig(rec.config_version, entities, routes))
+            gone = [ep for ep in self.registry.all()
+                    if ep.user_created and ep.name not in records]
+            for ep in gone:
+                self.registry.remove(ep.name)
+        for ep in gone:
+            await self._teardown(ep)
+
+    async def run_sync_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync()
+            except Exception:  # a database hiccup must not end the loop
+                log.exception("endpoint sync failed")
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
