@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.errors import InvalidParameterValue
+from fmserve.errors import FmserveError, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.validation import parse_model
@@ -64,10 +64,19 @@ class QueryService:
         self.rng = rng or random.Random()
 
     # -- routing -------------------------------------------------------------
-    def _target(self, name: str, served_model: str | None) -> tuple[ServingEndpoint, ServedEntity]:
-        ep = self.registry.get(name)
-        entity = ep.entity(served_model) if served_model else ep.pick(self.rng)
-        return ep, entity
+    def _candidates(self, ep: ServingEndpoint, served_model: str | None) -> list[ServedEntity]:
+        """Entities to try in order: the routed one, then (fallback enabled) the others.
+
+        ``ai_gateway.fallback_config.enabled``: on a 5xx from the chosen entity the
+        other served entities are tried in served-entity-list order (spec §11).
+        """
+        if served_model:
+            return [ep.entity(served_model)]
+        first = ep.pick(self.rng)
+        fallback = ((ep.ai_gateway or {}).get("fallback_config") or {}).get("enabled")
+        if not fallback:
+            return [first]
+        return [first, *(e for e in ep.entities if e is not first)]
 
     @staticmethod
     def _check_task(ep: ServingEndpoint, kind: str) -> None:
@@ -81,7 +90,7 @@ class QueryService:
     async def invocations(self, name: str, body: Body, served_model: str | None = None) -> Result:
         ep = self.registry.get(name)
         if served_model:
-            ep.entity(served_model)  # 404 for an unknown served entity
+            ep.entity(served_model)  # 404 for an unknown served entity first
         kind = _kind_of(body, ep.task)
         return await self._dispatch(kind, name, body, served_model)
 
@@ -96,15 +105,26 @@ class QueryService:
 
     async def _dispatch(self, kind: str, name: str, body: Body,
                         served_model: str | None) -> Result:
-        ep, entity = self._target(name, served_model)
+        ep = self.registry.get(name)
         self._check_task(ep, kind)
+        req: Any
+        run: Any
         if kind == "chat":
-            return entity.name, await self._chat(ep, entity, parse_model(ChatCompletionRequest,
-                                                                         body))
-        if kind == "completions":
-            return entity.name, await self._complete(ep, entity,
-                                                     parse_model(CompletionRequest, body))
-        return entity.name, await self._embed(ep, entity, parse_model(EmbeddingsRequest, body))
+            req, run = parse_model(ChatCompletionRequest, body), self._chat
+        elif kind == "completions":
+            req, run = parse_model(CompletionRequest, body), self._complete
+        else:
+            req, run = parse_model(EmbeddingsRequest, body), self._embed
+        last: FmserveError | None = None
+        for entity in self._candidates(ep, served_model):
+            try:
+                return entity.name, await run(ep, entity, req)
+            except FmserveError as exc:
+                if exc.status_code < 500:
+                    raise
+                last = exc
+        assert last is not None
+        raise last
 
     # -- kinds -----------------------------------------------------------------
     async def _chat(self, ep: ServingEndpoint, entity: ServedEntity,

@@ -23,6 +23,10 @@ class Database:
     """An engine plus a session factory; :meth:`migrate` brings the schema to head."""
 
     def __init__(self, url: str) -> None:
+        # A plain postgresql:// URL means psycopg 3 (the driver fmserve installs).
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                url = "postgresql+psycopg://" + url[len(prefix):]
         self.url = url
         kwargs: dict[str, object] = {"pool_pre_ping": True}
         if url.startswith("sqlite"):
