@@ -31,6 +31,7 @@ class ServerConfig:
         n_ctx: llama.cpp context in tokens (0 = the model's training context).
         sync_interval_s: how often (s) to pick up endpoint changes made by other
             server processes sharing the database.
+        scale_to_zero_idle_s: idle seconds before a scale-to-zero entity stops its workers.
         bundled: start the bundled pay-per-token endpoints.
     """
 
@@ -44,5 +45,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     n_ctx: int = field(default_factory=lambda: _env_int("FMSERVE_N_CTX", 8192))
     sync_interval_s: float = 2.0
+    scale_to_zero_idle_s: float = field(
+        default_factory=lambda: float(os.environ.get("FMSERVE_SCALE_TO_ZERO_IDLE_S") or 900))
     bundled: bool = True
     print_token: bool = True

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 from fmserve.api.deps import principal, read_json
 from fmserve.gateway.auth import Principal
-from fmserve.serving import observe
+from fmserve.serving import catalog, observe
 
 router = APIRouter(prefix="/api/2.0/serving-endpoints", dependencies=[Depends(principal)])
 
@@ -39,6 +39,12 @@ async def list_endpoints(request: Request) -> Response:
 async def create_endpoint(request: Request,
                           who: Annotated[Principal, Depends(principal)]) -> Response:
     return _json(await _fm(request).manager.create(await read_json(request), who.user))
+
+
+@router.get("/get-model-optimization-info/{model}/{version}")
+async def optimization_info(model: str, version: str) -> Response:
+    """Provisioned-throughput eligibility and step size (tokens/s) of a model (spec §2.4)."""
+    return _json(catalog.optimization_info(model))
 
 
 @router.get("/{name}")

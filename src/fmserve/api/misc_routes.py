@@ -27,7 +27,8 @@ async def health(request: Request) -> Response:
     """200 when every endpoint is ready, else 503; per-endpoint and per-worker state."""
     fm = request.app.state.fm
     eps = {ep.name: "READY" if ep.ready() else "NOT_READY" for ep in fm.registry.all()}
-    workers = [{"entity": w.name, "state": w.state, "pid": w.pid, "outstanding": w.outstanding,
+    workers = [{"entity": w.name, "state": w.state, "pid": w.pid, "pids": w.pids,
+                "replicas": len(w.replicas), "outstanding": w.outstanding,
                 "restarts": w.restarts} for w in fm.registry.workers()]
     ok = all(v == "READY" for v in eps.values())
     return _json({"status": "ok" if ok else "degraded", "endpoints": eps, "workers": workers},

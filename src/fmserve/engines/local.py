@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from fmserve.backends import Backend, Capabilities, EmbeddingResult
-from fmserve.engines.supervisor import WorkerProcess, WorkerRequest
+from fmserve.engines.pool import WorkerPool
+from fmserve.engines.supervisor import WorkerRequest
 from fmserve.errors import InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest, SamplingParams
 from fmserve.protocol.embeddings import EmbeddingsRequest
@@ -73,7 +74,7 @@ class LlamaBackend(Backend):
 
     capabilities = Capabilities(chat=True, completions=True)
 
-    def __init__(self, name: str, worker: WorkerProcess) -> None:
+    def __init__(self, name: str, worker: WorkerPool) -> None:
         self.name = name
         self.worker = worker
 
@@ -101,11 +102,11 @@ class LlamaBackend(Backend):
             out.append({"role": role, "content": m.text()})
         return out
 
-    def _submit(self, ops: list[dict[str, Any]]) -> list[_Choice]:
+    async def _submit(self, ops: list[dict[str, Any]]) -> list[_Choice]:
         choices: list[_Choice] = []
         try:
             for i, op in enumerate(ops):
-                choices.append(_Choice(i, self.worker.submit(op)))
+                choices.append(_Choice(i, await self.worker.submit(op)))
         except BaseException:
             for c in choices:
                 c.req.close()
@@ -147,7 +148,7 @@ class LlamaBackend(Backend):
         return sum(c.prompt_tokens for c in choices[::n])
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        choices = self._submit(self._chat_ops(req))
+        choices = await self._submit(self._chat_ops(req))
         await self._run_all(choices)
         return {
             "object": "chat.completion",
@@ -159,7 +160,7 @@ class LlamaBackend(Backend):
         }
 
     async def complete(self, req: CompletionRequest) -> dict[str, Any]:
-        choices = self._submit(self._completion_ops(req))
+        choices = await self._submit(self._completion_ops(req))
         await self._run_all(choices)
         return {
             "object": "text_completion",
@@ -170,12 +171,12 @@ class LlamaBackend(Backend):
         }
 
     def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
-        return self._stream(self._submit(self._chat_ops(req)), req.n, chat=True)
+        return self._stream(self._chat_ops(req), req.n, chat=True)
 
     def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
-        return self._stream(self._submit(self._completion_ops(req)), req.n, chat=False)
+        return self._stream(self._completion_ops(req), req.n, chat=False)
 
-    async def _stream(self, choices: list[_Choice], n: int,
+    async def _stream(self, ops: list[dict[str, Any]], n: int,
                       chat: bool) -> AsyncIterator[dict[str, Any]]:
         """Chunks with cumulative usage. Choices are streamed in index order.
 
@@ -198,6 +199,7 @@ class LlamaBackend(Backend):
             return {"object": "chat.completion.chunk" if chat else "text_completion",
                     "choices": [body], "usage": _usage(prompt_tokens, completion_tokens)}
 
+        choices = await self._submit(ops)
         try:
             for pos, c in enumerate(choices):
                 while True:
@@ -233,7 +235,7 @@ class EmbeddingBackend(Backend):
 
     capabilities = Capabilities(embeddings=True)
 
-    def __init__(self, name: str, worker: WorkerProcess) -> None:
+    def __init__(self, name: str, worker: WorkerPool) -> None:
         self.name = name
         self.worker = worker
 
@@ -249,7 +251,7 @@ class EmbeddingBackend(Backend):
                 f"'dimensions' must be {self.worker.info.get('dimensions')} for "
                 f"'{self.name}' (it does not support shortened embeddings).")
         texts = req.texts()
-        wreq = self.worker.submit({"op": "embed", "texts": texts})
+        wreq = await self.worker.submit({"op": "embed", "texts": texts})
         try:
             ev = await wreq.next()
         finally:

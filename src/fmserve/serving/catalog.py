@@ -25,7 +25,20 @@ class ModelSource:
     path: str
     task: str
     foundation_model: FoundationModel | None = None
+    throughput_chunk_size: int | None = None  # tokens/s one worker replica sustains
 
+
+# Provisioned-throughput step sizes (tokens/s per worker replica), rounded down from
+# what one replica measured on the reference machine (2-core x86-64, see
+# bench/bench_core.py): SmolLM2-135M Q4_1 decodes ~70 tokens/s single-stream;
+# all-MiniLM-L6-v2 embeds ~380 texts/s of ~10 tokens.
+SMOLLM2_CHUNK = 50
+MINILM_CHUNK = 2000
+
+# workload_size → (min replicas, max replicas). Each replica runs one request at a
+# time and admits ``FMSERVE_MAX_QUEUE`` more; the pool adds a replica when every
+# replica has 2+ outstanding.
+WORKLOAD_SIZES = {"Small": (1, 1), "Medium": (1, 2), "Large": (1, 4)}
 
 SYSTEM_MODELS = {
     "smollm2-135m-instruct": lambda: ModelSource(
@@ -33,12 +46,14 @@ SYSTEM_MODELS = {
         FoundationModel(name="smollm2-135m-instruct", display_name="SmolLM2 135M Instruct",
                         description="Hugging Face SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF on "
                                     "llama.cpp.",
-                        docs="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct")),
+                        docs="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
+        SMOLLM2_CHUNK),
     "all-minilm-l6-v2": lambda: ModelSource(
         "sentence_transformers", str(bundled.minilm_folder()), TASK_EMBEDDINGS,
         FoundationModel(name="all-minilm-l6-v2", display_name="all-MiniLM-L6-v2",
                         description="sentence-transformers/all-MiniLM-L6-v2, 384-dim embeddings.",
-                        docs="https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2")),
+                        docs="https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2"),
+        MINILM_CHUNK),
 }
 
 
@@ -68,3 +83,54 @@ def resolve(entity_name: str | None) -> ModelSource:
     raise InvalidParameterValue(
         f"Unknown entity_name '{entity_name}': use system.ai.<model>, a path to a .gguf file "
         "(chat/completions) or to a sentence-transformers folder (embeddings).")
+
+
+def replicas_for(inp_min_pt: int | None, inp_max_pt: int | None, workload_size: str | None,
+                 source: ModelSource, entity: str) -> tuple[int, int]:
+    """``(min, max)`` worker replicas for a served entity.
+
+    Provisioned throughput (tokens/s) must be a multiple of the model's
+    ``throughput_chunk_size``; one chunk = one replica.
+
+    Raises:
+        InvalidParameterValue: 400 for ineligible models, non-multiples, min > max,
+            an unknown ``workload_size``.
+    """
+    if inp_min_pt is not None or inp_max_pt is not None:
+        chunk = source.throughput_chunk_size
+        if not chunk:
+            raise InvalidParameterValue(
+                f"Served entity {entity} is not eligible for Provisioned Throughput.")
+        lo, hi = inp_min_pt or 0, inp_max_pt if inp_max_pt is not None else inp_min_pt or 0
+        for label, v in (("min_provisioned_throughput", lo), ("max_provisioned_throughput", hi)):
+            if v % chunk:
+                raise InvalidParameterValue(
+                    f"{label} ({v} tokens/s) must be a multiple of {chunk} tokens/s for "
+                    f"{entity}; see GET /api/2.0/serving-endpoints/get-model-optimization-info.")
+        if hi < lo or hi == 0:
+            raise InvalidParameterValue(
+                f"max_provisioned_throughput ({hi}) must be at least min_provisioned_throughput "
+                f"({lo}) and above 0.")
+        return lo // chunk, hi // chunk
+    if workload_size is None:
+        return 1, 1
+    if workload_size not in WORKLOAD_SIZES:
+        raise InvalidParameterValue(
+            f"workload_size '{workload_size}' is not one of {', '.join(WORKLOAD_SIZES)}.")
+    return WORKLOAD_SIZES[workload_size]
+
+
+def optimization_info(entity_name: str) -> dict[str, object]:
+    """``{"optimizable", "model_type", "throughput_chunk_size"}`` for ``entity_name``.
+
+    Raises:
+        InvalidParameterValue: 400 for an unknown model.
+    """
+    source = resolve(entity_name)
+    chunk = source.throughput_chunk_size
+    info: dict[str, object] = {"optimizable": bool(chunk),
+                               "model_type": "embedding" if source.task == TASK_EMBEDDINGS
+                               else "llm"}
+    if chunk:
+        info["throughput_chunk_size"] = chunk
+    return info

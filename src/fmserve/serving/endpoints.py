@@ -2,7 +2,7 @@
 
 A :class:`ServingEndpoint` has a task (``llm/v1/chat``, ``llm/v1/embeddings`` …),
 served entities (each backed by a :class:`~fmserve.backends.Backend`, local ones
-by a :class:`~fmserve.engines.supervisor.WorkerProcess`), a traffic config, and
+by a :class:`~fmserve.engines.pool.WorkerPool`), a traffic config, and
 while a config change rolls out a pending config. :class:`EndpointRegistry`
 holds the live endpoints by name.
 """
@@ -10,6 +10,7 @@ holds the live endpoints by name.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 from fmserve.backends import Backend
 from fmserve.config import ServerConfig
 from fmserve.engines.local import EmbeddingBackend, LlamaBackend
-from fmserve.engines.supervisor import WorkerProcess
+from fmserve.engines.pool import WorkerPool
 from fmserve.errors import ResourceDoesNotExist, TemporarilyUnavailable
 from fmserve.protocol.endpoints import (
     EndpointCoreConfigOutput,
@@ -39,6 +40,7 @@ from fmserve.serving.catalog import (  # noqa: F401 - re-exported task names
     TASK_COMPLETIONS,
     TASK_EMBEDDINGS,
     ModelSource,
+    replicas_for,
     resolve,
 )
 
@@ -54,7 +56,7 @@ class ServedEntity:
     entity_version: str | None
     backend: Backend
     foundation_model: FoundationModel | None = None
-    worker: WorkerProcess | None = None
+    worker: WorkerPool | None = None
     input: ServedEntityInput | None = None
     created_ms: int = field(default_factory=now_ms)
 
@@ -84,16 +86,27 @@ class ServedEntity:
 
 def build_entity(endpoint: str, inp: ServedEntityInput, source: ModelSource,
                  cfg: ServerConfig) -> ServedEntity:
-    """A served entity with its (not yet started) worker process."""
+    """A served entity with its (not yet started) worker replicas.
+
+    Raises:
+        InvalidParameterValue: 400 for provisioned-throughput or workload settings
+            the model cannot take.
+    """
     name = inp.served_name()
     log_path = Path(cfg.data_dir) / "logs" / endpoint / f"{name}.log"
+    lo, hi = replicas_for(inp.min_provisioned_throughput, inp.max_provisioned_throughput,
+                          inp.workload_size, source, inp.entity_name or name)
+    cores = os.cpu_count() or 1
     if source.engine == "llama_cpp":
         spec: dict[str, Any] = {"engine": "llama_cpp", "model_path": source.path,
-                                "n_ctx": cfg.n_ctx, "n_threads": cfg.llama_threads or None}
+                                "n_ctx": cfg.n_ctx,
+                                "n_threads": cfg.llama_threads or max(1, cores // hi)}
     else:
         spec = {"engine": "sentence_transformers", "model_path": source.path,
-                "n_threads": cfg.embed_threads or None}
-    worker = WorkerProcess(f"{endpoint}/{name}", spec, log_path, max_queue=cfg.max_queue)
+                "n_threads": cfg.embed_threads or max(1, cores // hi)}
+    worker = WorkerPool(f"{endpoint}/{name}", spec, log_path, min_replicas=lo, max_replicas=hi,
+                        max_queue=cfg.max_queue, scale_to_zero=bool(inp.scale_to_zero_enabled),
+                        idle_timeout_s=cfg.scale_to_zero_idle_s)
     backend: Backend = (LlamaBackend(name, worker) if source.engine == "llama_cpp"
                         else EmbeddingBackend(name, worker))
     return ServedEntity(name=name, entity_name=inp.entity_name or name,
@@ -147,7 +160,7 @@ class ServingEndpoint:
     def ready(self) -> bool:
         return any(e.backend.ready() for e in self.entities)
 
-    def workers(self) -> list[WorkerProcess]:
+    def workers(self) -> list[WorkerPool]:
         pending = self.pending.entities if self.pending else []
         return [e.worker for e in [*self.entities, *pending] if e.worker]
 
@@ -225,7 +238,7 @@ class EndpointRegistry:
     def all(self) -> list[ServingEndpoint]:
         return sorted(self._by_name.values(), key=lambda e: e.name)
 
-    def workers(self) -> list[WorkerProcess]:
+    def workers(self) -> list[WorkerPool]:
         return [w for ep in self._by_name.values() for w in ep.workers()]
 
 

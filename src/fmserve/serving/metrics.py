@@ -8,6 +8,7 @@ Exposed at ``GET /metrics`` (text exposition format). Names:
 * ``fmserve_worker_outstanding{entity}`` — requests running or queued in a worker.
 * ``fmserve_worker_up{entity}`` — 1 when the worker is ready.
 * ``fmserve_worker_restarts_total{entity}`` — restarts after a crash.
+* ``fmserve_worker_replicas{entity}`` — running replicas (0 when scaled to zero).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fmserve.engines.supervisor import WorkerProcess
+from fmserve.engines.pool import WorkerPool
 
 
 class _WorkerCollector(Collector):
-    def __init__(self, workers: Callable[[], list[WorkerProcess]]) -> None:
+    def __init__(self, workers: Callable[[], list[WorkerPool]]) -> None:
         self._workers = workers
 
     def collect(self) -> Iterable[Metric]:
@@ -32,15 +33,18 @@ class _WorkerCollector(Collector):
                                labels=["entity"])
         restarts = CounterMetricFamily("fmserve_worker_restarts",
                                        "Worker restarts after a crash", labels=["entity"])
+        replicas = GaugeMetricFamily("fmserve_worker_replicas", "Running worker replicas",
+                                     labels=["entity"])
         for w in self._workers():
+            replicas.add_metric([w.name], len(w.replicas))
             out.add_metric([w.name], w.outstanding)
             up.add_metric([w.name], 1.0 if w.state == "ready" else 0.0)
             restarts.add_metric([w.name], w.restarts)
-        return [out, up, restarts]
+        return [out, up, restarts, replicas]
 
 
 class ServingMetrics:
-    def __init__(self, workers: Callable[[], list[WorkerProcess]]) -> None:
+    def __init__(self, workers: Callable[[], list[WorkerPool]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("fmserve_requests", "Queries answered",
                                 ["endpoint", "kind", "status"], registry=self.registry)

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from fmserve.engines.supervisor import WorkerProcess
+from fmserve.engines.pool import WorkerPool
 from fmserve.errors import ResourceDoesNotExist
 from fmserve.serving.catalog import TASK_CHAT, TASK_COMPLETIONS, TASK_EMBEDDINGS
 from fmserve.serving.endpoints import ServingEndpoint
@@ -14,7 +14,7 @@ from fmserve.serving.endpoints import ServingEndpoint
 LOG_BYTES = 64 * 1024
 
 
-def entity_worker(ep: ServingEndpoint, entity: str) -> WorkerProcess:
+def entity_worker(ep: ServingEndpoint, entity: str) -> WorkerPool:
     """The worker of served entity ``entity`` (current or pending config).
 
     Raises:
@@ -27,7 +27,7 @@ def entity_worker(ep: ServingEndpoint, entity: str) -> WorkerProcess:
     raise ResourceDoesNotExist(f"Served model '{entity}' does not exist in endpoint '{ep.name}'.")
 
 
-def log_tail(worker: WorkerProcess, limit: int = LOG_BYTES) -> str:
+def log_tail(worker: WorkerPool, limit: int = LOG_BYTES) -> str:
     """The last ``limit`` bytes of the worker's log (its stdout and stderr)."""
     try:
         with open(worker.log_path, "rb") as f:
@@ -39,7 +39,7 @@ def log_tail(worker: WorkerProcess, limit: int = LOG_BYTES) -> str:
         return ""
 
 
-def log_head(worker: WorkerProcess, limit: int = LOG_BYTES) -> str:
+def log_head(worker: WorkerPool, limit: int = LOG_BYTES) -> str:
     """The first ``limit`` bytes of the worker's log: how the model was loaded."""
     try:
         with open(worker.log_path, "rb") as f:
