@@ -122,6 +122,7 @@ class WorkerPool:
         w = WorkerProcess(self.name if self._serial == 1 else f"{self.name}#{self._serial}",
                           self.spec, log, max_queue=self.max_queue)
         self.replicas.append(w)
+        self._last_busy[id(w)] = time.monotonic()  # new replicas get a full idle period
         await w.start()
         if w.state == "ready":
             self.info = self.info or dict(w.info)
@@ -150,8 +151,8 @@ class WorkerPool:
                 await asyncio.gather(*(r.stop() for r in replicas), return_exceptions=True)
                 continue
             if len(self.replicas) > max(self.min_replicas, 1):
-                idle = [r for r in self.replicas[1:] if not r.outstanding and
-                        now - self._last_busy.get(id(r), 0.0) >= self.scale_down_after_s]
+                idle = [r for r in self.replicas[1:] if not r.outstanding and r.state == "ready"
+                        and now - self._last_busy.get(id(r), now) >= self.scale_down_after_s]
                 if idle:
                     self.replicas.remove(idle[-1])
                     await idle[-1].stop()
