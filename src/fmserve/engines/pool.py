@@ -144,6 +144,7 @@ class WorkerPool:
             for r in self.replicas:
                 if r.outstanding:
                     self._last_busy[id(r)] = now
+                    self._last_request = now  # idle time counts from the last activity
             if self.scale_to_zero and self.replicas and not self.outstanding and \
                     now - self._last_request >= self.idle_timeout_s:
                 replicas, self.replicas = self.replicas, []
