@@ -92,3 +92,29 @@ def test_first_serve_prints_an_admin_token_once() -> None:
 
         assert serve_once().startswith("dapi")
         assert serve_once() == ""  # printed once only
+
+
+def test_endpoints_create_get_update_delete(server: Server, tmp_path: Path) -> None:
+    import json
+
+    env = {"DATABRICKS_HOST": server.url, "DATABRICKS_TOKEN": server.token, "COLUMNS": "200"}
+    spec = tmp_path / "endpoint.json"
+    spec.write_text(json.dumps({"name": "cli-chat", "config": {"served_entities": [
+        {"name": "smol", "entity_name": "system.ai.smollm2-135m-instruct",
+         "entity_version": "1"}]}}))
+    made = cli("endpoints", "create", "--file", str(spec), env=env)
+    assert made.returncode == 0, made.stderr
+    assert "cli-chat" in made.stdout and "DEPLOYMENT_READY" in made.stdout
+    again = cli("endpoints", "create", "--file", str(spec), env=env)
+    assert again.returncode == 1 and "RESOURCE_ALREADY_EXISTS" in again.stderr
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"served_entities": [
+        {"name": "smol2", "entity_name": "system.ai.smollm2-135m-instruct",
+         "entity_version": "2"}]}))
+    upd = cli("endpoints", "update-config", "cli-chat", "--file", str(cfg), env=env)
+    assert upd.returncode == 0, upd.stderr
+    assert "smol2" in upd.stdout
+    got = cli("endpoints", "get", "cli-chat", "--json", env=env)
+    assert json.loads(got.stdout)["config"]["config_version"] == 2
+    assert cli("endpoints", "delete", "cli-chat", env=env).returncode == 0
+    assert "cli-chat" not in cli("endpoints", "list", env=env).stdout

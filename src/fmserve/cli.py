@@ -159,6 +159,105 @@ def endpoints_list(host: Host = DEFAULT_HOST, token: Token = None) -> None:
     console.print(table)
 
 
+def _load_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        err.print(f"Cannot read {path}: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _wait_deployed(c: httpx.Client, name: str, timeout_s: float = 1200) -> dict[str, Any]:
+    """Polls the endpoint while its config rolls out, showing entity states."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    with console.status(f"Deploying {name} ...") as status:
+        while True:
+            ep = _call(c, "GET", f"/api/2.0/serving-endpoints/{name}")
+            if ep["state"]["config_update"] != "IN_PROGRESS" or time.monotonic() > deadline:
+                return ep  # type: ignore[no-any-return]
+            pending = (ep.get("pending_config") or {}).get("served_entities", [])
+            states = ", ".join(f"{e['name']}: {e.get('state', {}).get('deployment', '?')}"
+                               for e in pending)
+            status.update(f"Deploying {name} ... {states}")
+            time.sleep(0.5)
+
+
+def _show(ep: dict[str, Any]) -> None:
+    table = Table("served entity", "entity_name", "version", "traffic %", "state", "message",
+                  title=f"{ep['name']}  ({ep.get('task', '')})  ready={ep['state']['ready']}  "
+                        f"config_update={ep['state']['config_update']}")
+    routes = {r.get("served_entity_name") or r.get("served_model_name"): r["traffic_percentage"]
+              for r in (ep.get("config") or {}).get("traffic_config", {}).get("routes", [])}
+    for source in ("config", "pending_config"):
+        for e in (ep.get(source) or {}).get("served_entities", []):
+            st = e.get("state", {})
+            table.add_row(e["name"] + (" (pending)" if source == "pending_config" else ""),
+                          e.get("entity_name", ""), str(e.get("entity_version", "")),
+                          str(routes.get(e["name"], "")), st.get("deployment", ""),
+                          st.get("deployment_state_message", ""))
+    console.print(table)
+
+
+EndpointFile = Annotated[Path, typer.Option("--file", "-f", exists=True, dir_okay=False,
+                                            help="JSON body as the REST API takes it.")]
+
+
+@endpoints_app.command("create")
+def endpoints_create(file: EndpointFile, host: Host = DEFAULT_HOST, token: Token = None,
+                     no_wait: Annotated[bool, typer.Option(help="Return at once.")] = False
+                     ) -> None:
+    """Create an endpoint from a JSON file (the body of POST /api/2.0/serving-endpoints)."""
+    body = _load_json(file)
+    with _client(host, token) as c:
+        ep = _call(c, "POST", "/api/2.0/serving-endpoints", json=body)
+        if not no_wait:
+            ep = _wait_deployed(c, ep["name"])
+    _show(ep)
+    if ep["state"]["config_update"] == "UPDATE_FAILED":
+        raise typer.Exit(1)
+
+
+@endpoints_app.command("update-config")
+def endpoints_update_config(name: str, file: EndpointFile, host: Host = DEFAULT_HOST,
+                            token: Token = None,
+                            no_wait: Annotated[bool, typer.Option(help="Return at once.")] = False
+                            ) -> None:
+    """Roll out a new config (the body of PUT /api/2.0/serving-endpoints/NAME/config)."""
+    body = _load_json(file)
+    with _client(host, token) as c:
+        ep = _call(c, "PUT", f"/api/2.0/serving-endpoints/{name}/config", json=body)
+        if not no_wait:
+            ep = _wait_deployed(c, name)
+    _show(ep)
+    if ep["state"]["config_update"] == "UPDATE_FAILED":
+        raise typer.Exit(1)
+
+
+@endpoints_app.command("get")
+def endpoints_get(name: str, host: Host = DEFAULT_HOST, token: Token = None,
+                  as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False
+                  ) -> None:
+    """Show one endpoint."""
+    with _client(host, token) as c:
+        ep = _call(c, "GET", f"/api/2.0/serving-endpoints/{name}")
+    if as_json:
+        console.print_json(data=ep)
+    else:
+        _show(ep)
+
+
+@endpoints_app.command("delete")
+def endpoints_delete(name: str, host: Host = DEFAULT_HOST, token: Token = None) -> None:
+    """Delete an endpoint and stop its workers."""
+    with _client(host, token) as c:
+        _call(c, "DELETE", f"/api/2.0/serving-endpoints/{name}")
+    err.print(f"Deleted {name}.")
+
+
 @app.command()
 def query(
     endpoint: str,
