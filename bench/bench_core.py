@@ -266,7 +266,6 @@ def bench_direct_llm(threads: int, max_tokens: int, reps: int
     console.log(f"direct create_chat_completion: {median([s.decode_tps for s in ccc]):.1f} tok/s,"
                 f" TTFT {median([s.ttft_ms for s in ccc]):.1f} ms")
     llm.close()
-    del llm
     gc.collect()
     return gen, ccc, hit
 
@@ -589,11 +588,13 @@ def main() -> int:
     texts = embed_texts(args.texts)
 
     console.rule("direct (no server running)")
-    res.direct_gen, res.direct_ccc, res.direct_hit = isolated(bench_direct_llm, args.threads, args.max_tokens,
-                                              args.reps)
+    res.direct_gen, res.direct_ccc, res.direct_hit = isolated(
+        bench_direct_llm, args.threads, args.max_tokens, args.reps)
     res.emb_direct = isolated(bench_direct_embed, args.threads, texts, args.reps)
 
     console.rule("through fmserve")
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the server below is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="fmserve-bench-"))
     t0 = time.perf_counter()
     srv = start_server(tmp, args.threads)

@@ -3,9 +3,11 @@ databricks-sdk ``WorkspaceClient().serving_endpoints`` and mlflow
 ``get_deploy_client("databricks")`` create, change, query and delete user endpoints
 on a real ``fmserve serve``; traffic splits; request validation.
 
-Every endpoint a test creates is deleted again (the ``cleanup`` fixture), so the
-session server is left with only its bundled endpoints. Few endpoints live at
-once: each served entity is a llama.cpp / sentence-transformers worker process.
+The module runs its own server (``server`` below overrides the session one): with
+one llama.cpp thread per worker, since several SmolLM2 workers at once with one
+thread per core each oversubscribe a small machine and stall for seconds. Every
+endpoint a test creates is deleted again (the ``cleanup`` fixture). Few endpoints
+live at once: each served entity is a llama.cpp / sentence-transformers worker.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import CHAT, EMBED, Server
+from conftest import CHAT, EMBED, Server, start_server, stop_server
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import (
     BadRequest,
@@ -72,6 +74,15 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DATABRICKS_CONFIG_FILE",
                        str(tmp_path_factory.getbasetemp() / "no-databrickscfg"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("mgmt"), {"FMSERVE_LLAMA_THREADS": "1"})
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ counts are exact model tokens.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Callable
@@ -63,6 +64,7 @@ class LlamaEngine:
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self.model_name = meta.get("general.name") or os.path.basename(path)
         self.threads = threads
+        self._grammars: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
         return {
@@ -91,8 +93,41 @@ class LlamaEngine:
                              f"model's context of {self.n_ctx} tokens (at least 1 token must "
                              f"be left for the answer). Shorten the prompt."})
             return
+        params = msg.get("params") or {}
+        try:
+            grammar = self._grammar(params.get("grammar"))
+        except ValueError as exc:
+            emit({"t": "err", "id": rid, "code": "BAD_REQUEST",
+                  "message": f"The output schema cannot be compiled to a grammar: {exc}"})
+            return
         emit({"t": "start", "id": rid, "prompt_tokens": n_prompt})
-        self._generate(rid, tokens, msg.get("params") or {}, room, emit, cancelled)
+        self._generate(rid, tokens, params, room, emit, cancelled, grammar)
+
+    def _grammar(self, spec: dict[str, Any] | None) -> Any:
+        """A compiled llama.cpp grammar for a grammar spec (see engines/structured.py)."""
+        if not spec:
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+
+        kind = spec["type"]
+        if kind == "json_object":
+            gbnf = JSON_GBNF
+        elif kind == "json_schema":
+            gbnf = json_schema_to_gbnf(json.dumps(spec["schema"]))
+        elif kind == "tool_auto":
+            # A tool call (JSON, starts with "{" or "[") or free text that does not.
+            call = json_schema_to_gbnf(json.dumps(spec["schema"])).replace(
+                "root ::=", "call ::=", 1)
+            gbnf = call + '\nroot ::= call | free\nfree ::= [^{[] [^\\x00]*\n'
+        else:
+            raise ValueError(f"unknown grammar type {kind!r}")
+        cached = self._grammars.get(gbnf)
+        if cached is None:
+            cached = LlamaGrammar.from_string(gbnf, verbose=False)
+            if len(self._grammars) > 64:
+                self._grammars.clear()
+            self._grammars[gbnf] = cached
+        return cached
 
     def _prompt_tokens(self, msg: dict[str, Any]) -> list[int]:
         if msg.get("messages") is not None:
@@ -107,7 +142,7 @@ class LlamaEngine:
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=self.add_bos, special=False)
 
     def _generate(self, rid: str, tokens: list[int], params: dict[str, Any], room: int,
-                  emit: Emit, cancelled: Callable[[], bool]) -> None:
+                  emit: Emit, cancelled: Callable[[], bool], grammar: Any = None) -> None:
         max_tokens = min(int(params.get("max_tokens") or room), room)
         seed = params.get("seed")
         self.llm.set_seed(int(seed) if seed is not None else random.getrandbits(31))
@@ -132,6 +167,7 @@ class LlamaEngine:
             repeat_penalty=float(params.get("repeat_penalty") or 1.0),
             presence_penalty=float(params.get("presence_penalty") or 0.0),
             frequency_penalty=float(params.get("frequency_penalty") or 0.0),
+            grammar=grammar,
         ):
             if cancelled():
                 finish = "cancelled"

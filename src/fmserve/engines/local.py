@@ -15,6 +15,7 @@ import numpy as np
 
 from fmserve.backends import Backend, Capabilities, EmbeddingResult
 from fmserve.engines.pool import WorkerPool
+from fmserve.engines.structured import ToolPlan, render_history, response_grammar
 from fmserve.engines.supervisor import WorkerRequest
 from fmserve.errors import InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest, SamplingParams
@@ -72,7 +73,7 @@ class _Choice:
 class LlamaBackend(Backend):
     """Chat and completions on a llama.cpp worker (GGUF, chat template from the file)."""
 
-    capabilities = Capabilities(chat=True, completions=True)
+    capabilities = Capabilities(chat=True, completions=True, tools=True, json_schema=True)
 
     def __init__(self, name: str, worker: WorkerPool) -> None:
         self.name = name
@@ -85,12 +86,7 @@ class LlamaBackend(Backend):
         return dict(self.worker.info)
 
     # -- request → worker ops ------------------------------------------------
-    def _chat_messages(self, req: ChatCompletionRequest) -> list[dict[str, str]]:
-        if req.tools:
-            self.capabilities.require("tools", "Function calling ('tools')", self.name)
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            self.capabilities.require("json_schema", f"response_format '{fmt}'", self.name)
+    def _chat_messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
         if (req.model_extra or {}).get("logprobs"):
             raise InvalidParameterValue(
                 f"'logprobs' is not supported by served entity '{self.name}'.")
@@ -99,8 +95,14 @@ class LlamaBackend(Backend):
             if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
                 self.capabilities.require("vision", f"messages[{i}]: image content", self.name)
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": m.text()})
+            out.append({"role": role, "content": m.text(), "tool_calls": m.tool_calls,
+                        "tool_call_id": m.tool_call_id})
         return out
+
+    @staticmethod
+    def _plan(req: ChatCompletionRequest) -> ToolPlan:
+        parallel = (req.model_extra or {}).get("parallel_tool_calls") is not False
+        return ToolPlan(req.tools, req.tool_choice, parallel=parallel)
 
     async def _submit(self, ops: list[dict[str, Any]]) -> list[_Choice]:
         choices: list[_Choice] = []
@@ -113,9 +115,17 @@ class LlamaBackend(Backend):
             raise
         return choices
 
-    def _chat_ops(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
-        messages = self._chat_messages(req)
+    def _chat_ops(self, req: ChatCompletionRequest, plan: ToolPlan) -> list[dict[str, Any]]:
+        fmt_grammar = response_grammar(req.response_format)
+        if plan.active and fmt_grammar:
+            raise InvalidParameterValue(
+                "response_format json_object/json_schema cannot be combined with tools on "
+                f"'{self.name}'; use tool_choice 'none' or drop response_format.")
+        messages = render_history(self._chat_messages(req), plan)
         params = sampling_params(req)
+        grammar = plan.grammar() or fmt_grammar
+        if grammar:
+            params["grammar"] = grammar
         return [{"op": "generate", "messages": messages, "params": _nth(params, j)}
                 for j in range(req.n)]
 
@@ -148,13 +158,23 @@ class LlamaBackend(Backend):
         return sum(c.prompt_tokens for c in choices[::n])
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        choices = await self._submit(self._chat_ops(req))
+        plan = self._plan(req)
+        choices = await self._submit(self._chat_ops(req, plan))
         await self._run_all(choices)
+        out = []
+        for c in choices:
+            text = "".join(c.text)
+            calls = plan.parse(text)
+            if calls:
+                out.append({"index": c.index, "message": {"role": "assistant", "content": None,
+                                                          "tool_calls": calls},
+                            "finish_reason": "tool_calls"})
+            else:
+                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                            "finish_reason": c.finish_reason})
         return {
             "object": "chat.completion",
-            "choices": [{"index": c.index,
-                         "message": {"role": "assistant", "content": "".join(c.text)},
-                         "finish_reason": c.finish_reason} for c in choices],
+            "choices": out,
             "usage": _usage(self._prompt_usage(choices, req.n),
                             sum(c.completion_tokens for c in choices)),
         }
@@ -171,13 +191,14 @@ class LlamaBackend(Backend):
         }
 
     def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
-        return self._stream(self._chat_ops(req), req.n, chat=True)
+        plan = self._plan(req)
+        return self._stream(self._chat_ops(req, plan), req.n, chat=True, plan=plan)
 
     def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         return self._stream(self._completion_ops(req), req.n, chat=False)
 
-    async def _stream(self, ops: list[dict[str, Any]], n: int,
-                      chat: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(self, ops: list[dict[str, Any]], n: int, chat: bool,
+                      plan: ToolPlan | None = None) -> AsyncIterator[dict[str, Any]]:
         """Chunks with cumulative usage. Choices are streamed in index order.
 
         The first chunk is produced only after the worker accepted the first
@@ -200,8 +221,13 @@ class LlamaBackend(Backend):
                     "choices": [body], "usage": _usage(prompt_tokens, completion_tokens)}
 
         choices = await self._submit(ops)
+        tools = plan is not None and plan.active
         try:
             for pos, c in enumerate(choices):
+                # With tools, text that starts a call ("{" / "[") is held back and sent
+                # as one tool_calls delta (with id and name) once the call is complete.
+                held: list[str] | None = [] if tools else None
+                decided = plan is not None and plan.mode in ("required", "named")
                 while True:
                     ev = await c.req.next()
                     t = ev["t"]
@@ -212,11 +238,29 @@ class LlamaBackend(Backend):
                             yield chunk(c, {"role": "assistant", "content": ""}, None, None)
                     elif t == "tok":
                         completion_tokens = finished_tokens + ev["n"]
+                        if held is not None:
+                            held.append(ev["text"])
+                            so_far = "".join(held).lstrip()
+                            if decided or not so_far or so_far[0] in "{[":
+                                continue
+                            ev = {**ev, "text": "".join(held)}
+                            held = None  # plain text: stream from here on
                         yield chunk(c, {"content": ev["text"]}, ev["text"], None)
                     elif t == "end":
                         finished_tokens += ev["completion_tokens"]
                         completion_tokens = finished_tokens
-                        yield chunk(c, {}, "", ev["finish_reason"])
+                        finish = ev["finish_reason"]
+                        if held is not None and plan is not None:
+                            text = "".join(held)
+                            calls = plan.parse(text)
+                            if calls:
+                                finish = "tool_calls"
+                                yield chunk(c, {"tool_calls": [{**call, "index": k}
+                                                               for k, call in enumerate(calls)]},
+                                            None, None)
+                            elif text:
+                                yield chunk(c, {"content": text}, text, None)
+                        yield chunk(c, {}, "", finish)
                         break
         finally:
             for c in choices:

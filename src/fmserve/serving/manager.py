@@ -125,7 +125,9 @@ class EndpointManager:
             raise InvalidParameterValue(
                 f"Endpoint '{name}' serves {ep.task}; an update cannot change it to {task}.")
         async with self._lock:
-            if ep.pending is not None:
+            # A failed pending config (UPDATE_FAILED; its workers already stopped) is
+            # replaced by the new one; only a rollout still in progress blocks.
+            if ep.pending is not None and ep.config_update != "UPDATE_FAILED":
                 raise InvalidParameterValue(
                     f"Endpoint '{name}' is already being updated (config version "
                     f"{ep.pending.version}); wait for it to finish.", error_code="INVALID_STATE")
