@@ -480,7 +480,11 @@ def test_invalid_gguf_fails_deployment(ws: WorkspaceClient, http: httpx.Client,
     entity = ep["pending_config"]["served_entities"][0]
     assert entity["name"] == "junk"
     assert entity["state"]["deployment"] == "DEPLOYMENT_FAILED"
-    assert entity["state"]["deployment_state_message"]
+    message = entity["state"]["deployment_state_message"]
+    assert "x.gguf" in message or "load" in message.lower(), message  # the loader's message
+    # the failed entity's build log holds the loader's traceback
+    build = ws.serving_endpoints.build_logs(name, "junk").logs or ""
+    assert "Traceback" in build or "x.gguf" in build, build[-2000:]
     # queries get a clean error, and the server and other endpoints keep working
     r = http.post(f"/serving-endpoints/{name}/invocations", json=_chat_body())
     assert 400 <= r.status_code < 600 and r.status_code != 500, r.text
