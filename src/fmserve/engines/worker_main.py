@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -100,13 +101,24 @@ def main(argv: list[str] | None = None) -> int:
                 inbox.put(msg)
 
     threading.Thread(target=reader, name="fmserve-reader", daemon=True).start()
+    batching = hasattr(engine, "handle_batch")
     while True:
         msg = inbox.get()
         if msg is None:
             return 0
-        rid = msg["id"]
-        if cancelled.pop(rid):
+        if cancelled.pop(msg["id"]):
             continue
+        if batching:
+            batch = _gather_batch(msg, inbox, cancelled, engine.max_batch, engine.max_wait_s)
+            try:
+                engine.handle_batch(batch, chan.send)
+            except Exception as exc:
+                traceback.print_exc()
+                for m in batch:
+                    chan.send({"t": "err", "id": m["id"], "code": "INTERNAL_ERROR",
+                               "message": f"{type(exc).__name__}: {exc}"})
+            continue
+        rid = msg["id"]
         try:
             engine.handle(msg, chan.send, lambda rid=rid: rid in cancelled)
         except Exception as exc:
@@ -114,6 +126,29 @@ def main(argv: list[str] | None = None) -> int:
             chan.send({"t": "err", "id": rid, "code": "INTERNAL_ERROR",
                        "message": f"{type(exc).__name__}: {exc}"})
         cancelled.pop(rid)
+
+
+def _gather_batch(first: dict[str, Any], inbox: queue.Queue[dict[str, Any] | None],
+                  cancelled: CancelSet, max_items: int, max_wait_s: float) -> list[dict[str, Any]]:
+    """``first`` plus requests that arrive within ``max_wait_s`` (up to ``max_items`` inputs).
+
+    Dynamic batching: concurrent single-text embedding requests share one forward pass.
+    """
+    batch, size = [first], len(first.get("texts", ()))
+    deadline = time.monotonic() + max_wait_s
+    while size < max_items:
+        try:
+            nxt = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if nxt is None:
+            inbox.put(None)
+            break
+        if cancelled.pop(nxt["id"]):
+            continue
+        batch.append(nxt)
+        size += len(nxt.get("texts", ()))
+    return batch
 
 
 if __name__ == "__main__":
