@@ -113,6 +113,21 @@ def test_scale_to_zero_and_cold_start(srv: Server) -> None:
         c.delete("/api/2.0/serving-endpoints/stz")
 
 
+def _kill_mid_request(srv: Server, c: httpx.Client, wait_ready: bool = False) -> httpx.Response:
+    """Sends a long request to endpoint 'fb' and kills entity a's worker while it runs."""
+    if wait_ready:
+        _wait(lambda: _pool(srv, "fb/a")["state"] == "ready")
+    results: list[httpx.Response] = []
+    body = {"prompt": "1, 2, 3, 4,", "max_tokens": 400, "temperature": 0}
+    t = threading.Thread(target=lambda: results.append(
+        c.post("/serving-endpoints/fb/invocations", json=body)))
+    t.start()
+    _wait(lambda: _pool(srv, "fb/a")["outstanding"] == 1)
+    os.kill(_pool(srv, "fb/a")["pid"], signal.SIGKILL)
+    t.join(timeout=120)
+    return results[0]
+
+
 def test_fallback_to_next_entity_when_worker_dies(srv: Server) -> None:
     with srv.client() as c:
         _create(c, "fb", [{"name": "a", "entity_name": MODEL, "entity_version": "1"},
@@ -121,27 +136,12 @@ def test_fallback_to_next_entity_when_worker_dies(srv: Server) -> None:
                     {"served_model_name": "a", "traffic_percentage": 100},
                     {"served_model_name": "b", "traffic_percentage": 0}]}},
                 ai_gateway={"fallback_config": {"enabled": True}})
-        body = {"prompt": "1, 2, 3, 4,", "max_tokens": 400, "temperature": 0}
-        results: list[httpx.Response] = []
-        t = threading.Thread(target=lambda: results.append(
-            c.post("/serving-endpoints/fb/invocations", json=body)))
-        t.start()
-        _wait(lambda: _pool(srv, "fb/a")["outstanding"] == 1)
-        os.kill(_pool(srv, "fb/a")["pid"], signal.SIGKILL)
-        t.join(timeout=120)
-        r = results[0]
+        # Entity a dies mid-request: the next entity in list order, b, answers.
+        r = _kill_mid_request(srv, c)
         assert r.status_code == 200, r.text
         assert r.headers["served-model-name"] == "b"
         # Without fallback the same failure is a 503.
         c.put("/api/2.0/serving-endpoints/fb/ai-gateway",
               json={"fallback_config": {"enabled": False}})
-        _wait(lambda: _pool(srv, "fb/a")["state"] == "ready")
-        results.clear()
-        t = threading.Thread(target=lambda: results.append(
-            c.post("/serving-endpoints/fb/invocations", json=body)))
-        t.start()
-        _wait(lambda: _pool(srv, "fb/a")["outstanding"] == 1)
-        os.kill(_pool(srv, "fb/a")["pid"], signal.SIGKILL)
-        t.join(timeout=120)
-        assert results[0].status_code == 503
+        assert _kill_mid_request(srv, c, wait_ready=True).status_code == 503
         c.delete("/api/2.0/serving-endpoints/fb")
