@@ -70,9 +70,7 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,6 +87,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fmserve.engines import bundled  # noqa: E402
+from fmserve.testing import LocalServer, stop_server  # noqa: E402
+from fmserve.testing import start_server as _start_server  # noqa: E402
 
 CHAT = "databricks-smollm2-135m-instruct"
 EMBED = "databricks-all-minilm-l6-v2"
@@ -312,63 +312,14 @@ def isolated(fn: Any, *args: Any) -> Any:
 
 
 # -- the server --------------------------------------------------------------------
-@dataclass
-class Server:
-    url: str
-    token: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+Server = LocalServer
 
 
 def start_server(tmp: Path, threads: int, timeout_s: float = 300) -> Server:
-    env = dict(os.environ, FMSERVE_HOME=str(tmp / "data"), FMSERVE_LLAMA_THREADS=str(threads),
-               FMSERVE_EMBED_THREADS=str(threads), FMSERVE_N_CTX=str(N_CTX))
-    env.pop("DATABRICKS_TOKEN", None)
-    cmd = [sys.executable, "-m", "fmserve"]
-    out = subprocess.run(cmd + ["tokens", "create", "--comment", "bench"], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    token = out.strip().splitlines()[-1]
-    port = _free_port()
-    log_path = tmp / "server.log"
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd + ["serve", "--port", str(port), "--log-level", "warning"],
-                                env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    srv = Server(f"http://127.0.0.1:{port}", token, proc, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fmserve serve exited ({proc.returncode}):\n"
-                               f"{log_path.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{srv.url}/health", timeout=2).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop_server(srv)
-    raise RuntimeError(f"fmserve serve did not become healthy:\n"
-                       f"{log_path.read_text(errors='replace')}")
-
-
-def stop_server(srv: Server) -> None:
-    if srv.proc.poll() is None:
-        srv.proc.send_signal(signal.SIGINT)
-        try:
-            srv.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait()
+    env = {"FMSERVE_LLAMA_THREADS": str(threads), "FMSERVE_EMBED_THREADS": str(threads),
+           "FMSERVE_N_CTX": str(N_CTX)}
+    return _start_server(tmp, env_extra=env, timeout_s=timeout_s,
+                         serve_args=("--log-level", "warning"))
 
 
 def chat_body(prompt: str, max_tokens: int) -> dict[str, Any]:
