@@ -13,21 +13,6 @@ from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import NotFound, ResourceDoesNotExist
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
 
-# Env vars that would make the SDK pick another auth method or profile.
-_FOREIGN_ENV = ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID",
-                "DATABRICKS_CLIENT_SECRET", "DATABRICKS_USERNAME", "DATABRICKS_PASSWORD",
-                "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_AUTH_TYPE", "DATABRICKS_ACCOUNT_ID",
-                "DATABRICKS_WORKSPACE_ID", "DATABRICKS_DISCOVERY_URL", "MLFLOW_TRACKING_URI")
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for var in _FOREIGN_ENV:
-        monkeypatch.delenv(var, raising=False)
-    # Never read the developer's ~/.databrickscfg.
-    monkeypatch.setenv("DATABRICKS_CONFIG_FILE",
-                       str(tmp_path_factory.getbasetemp() / "no-databrickscfg"))
-
 
 @pytest.fixture()
 def ws(server: Server) -> WorkspaceClient:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import CHAT, EMBED, Server, start_server, stop_server
+from conftest import CHAT, EMBED, Server, start_server, stop_server, wait_for
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import (
     BadRequest,
@@ -62,19 +61,6 @@ MINILM = "system.ai.all-minilm-l6-v2"
 API = "/api/2.0/serving-endpoints"
 WAIT = timedelta(minutes=3)
 
-_FOREIGN_ENV = ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID",
-                "DATABRICKS_CLIENT_SECRET", "DATABRICKS_USERNAME", "DATABRICKS_PASSWORD",
-                "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_AUTH_TYPE", "DATABRICKS_ACCOUNT_ID",
-                "DATABRICKS_WORKSPACE_ID", "DATABRICKS_DISCOVERY_URL", "MLFLOW_TRACKING_URI")
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for var in _FOREIGN_ENV:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("DATABRICKS_CONFIG_FILE",
-                       str(tmp_path_factory.getbasetemp() / "no-databrickscfg"))
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
@@ -109,16 +95,6 @@ def _split(**pct: int) -> TrafficConfig:
     return TrafficConfig(routes=[Route(served_entity_name=n, traffic_percentage=p)
                                  for n, p in pct.items()])
 
-
-def _wait_for(check: Callable[[], Any], timeout_s: float = 120, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
 
 
 def _chat_body(max_tokens: int = 1) -> dict[str, Any]:
@@ -336,7 +312,7 @@ def test_sdk_update_config_keeps_serving_then_delete(ws: WorkspaceClient, server
     t = threading.Thread(target=fire, daemon=True)
     t.start()
     try:
-        _wait_for(lambda: len(results) >= 3, 60, "queries before the update")
+        wait_for(lambda: len(results) >= 3, 60, "queries before the update")
         # a path to a .gguf file is an entity too
         waiter = ws.serving_endpoints.update_config(
             name, served_entities=[_entity("v2a", str(smollm2_gguf())), _entity("v2b")],
@@ -356,7 +332,7 @@ def test_sdk_update_config_keeps_serving_then_delete(ws: WorkspaceClient, server
         _assert_error(r, 400, "INVALID_STATE", "already being updated")
         ep = waiter.result(timeout=WAIT)
         n_at_switch = len(results)
-        _wait_for(lambda: len(results) >= n_at_switch + 3, 60, "queries after the update")
+        wait_for(lambda: len(results) >= n_at_switch + 3, 60, "queries after the update")
     finally:
         stop.set()
         t.join(30)
@@ -437,7 +413,7 @@ def test_mlflow_endpoint_lifecycle(deploy: Any, cleanup: list[str]) -> None:
         st = ep["state"]
         return ep if st["ready"] == "READY" and st["config_update"] == "NOT_UPDATING" else None
 
-    ep = _wait_for(ready, 120, "mlflow-created endpoint READY")
+    ep = wait_for(ready, 120, "mlflow-created endpoint READY")
     assert ep["config"]["config_version"] == 1
     assert ep["tags"] == [{"key": "via", "value": "mlflow"}]
     assert name in {e["name"] for e in deploy.list_endpoints()}
@@ -448,7 +424,7 @@ def test_mlflow_endpoint_lifecycle(deploy: Any, cleanup: list[str]) -> None:
     upd = deploy.update_endpoint_config(endpoint=name, config={
         "served_entities": [{"name": "m2", "entity_name": SMOL}]})
     assert upd["name"] == name
-    ep = _wait_for(lambda: (e := ready()) and e["config"]["config_version"] == 2 and e,
+    ep = wait_for(lambda: (e := ready()) and e["config"]["config_version"] == 2 and e,
                    120, "mlflow update rolled out")
     assert [e["name"] for e in ep["config"]["served_entities"]] == ["m2"]
     r = deploy.predict(endpoint=name, inputs={"prompt": "a", "max_tokens": 1})

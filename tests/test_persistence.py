@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, start_server, stop_server
+from conftest import Server, start_server, stop_server, wait_for
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import (
     AiGatewayUsageTrackingConfig,
@@ -41,20 +41,6 @@ WAIT = timedelta(minutes=3)
 SERVER_ENV = {"FMSERVE_LLAMA_THREADS": "1"}
 ADMIN_URL = os.environ.get("FMSERVE_TEST_POSTGRES_URL",
                            "postgresql://postgres@127.0.0.1:5432/test")
-
-_FOREIGN_ENV = ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID",
-                "DATABRICKS_CLIENT_SECRET", "DATABRICKS_USERNAME", "DATABRICKS_PASSWORD",
-                "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_AUTH_TYPE", "DATABRICKS_ACCOUNT_ID",
-                "DATABRICKS_WORKSPACE_ID", "DATABRICKS_DISCOVERY_URL", "MLFLOW_TRACKING_URI",
-                "FMSERVE_DATABASE_URL")
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for var in _FOREIGN_ENV:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("DATABRICKS_CONFIG_FILE",
-                       str(tmp_path_factory.getbasetemp() / "no-databrickscfg"))
 
 
 # -- PostgreSQL: a throwaway database per module ----------------------------------------
@@ -216,16 +202,6 @@ def test_workspace_id_is_stable(db: Database) -> None:
 # -- servers ------------------------------------------------------------------------------
 
 
-def _wait_for(check: Callable[[], Any], timeout_s: float = 120, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
-
 
 def _get(srv: Server, name: str) -> httpx.Response:
     with srv.client() as c:
@@ -278,7 +254,7 @@ def test_endpoint_survives_restart(tmp_path: Path) -> None:
     try:
         first = _get(srv, name)  # known at once, loading in the background
         assert first.status_code == 200, first.text
-        after = _wait_for(lambda: _ready(srv, name, 2), 120, "restored endpoint READY")
+        after = wait_for(lambda: _ready(srv, name, 2), 120, "restored endpoint READY")
         for key in ("id", "name", "creator", "creation_timestamp", "task", "tags",
                     "ai_gateway", "permission_level"):
             assert after.get(key) == before.get(key), key
@@ -331,9 +307,9 @@ def _two_servers(a: Server, b: Server) -> None:
     ws_a.serving_endpoints.create(name=name, config=EndpointCoreConfigInput(
         name=name, served_entities=[ServedEntityInput(name="one", entity_name=SMOL)]),
         tags=[EndpointTag(key="k", value="v")])
-    _wait_for(lambda: name in _names(b), 30, "endpoint created on A listed on B")
-    ep_b = _wait_for(lambda: _ready(b, name, 1), 120, "endpoint READY on B")
-    ep_a = _wait_for(lambda: _ready(a, name, 1), 120, "endpoint READY on A")
+    wait_for(lambda: name in _names(b), 30, "endpoint created on A listed on B")
+    ep_b = wait_for(lambda: _ready(b, name, 1), 120, "endpoint READY on B")
+    ep_a = wait_for(lambda: _ready(a, name, 1), 120, "endpoint READY on A")
     assert ep_b["id"] == ep_a["id"] and ep_b["creator"] == ep_a["creator"]
     assert ep_b["tags"] == [{"key": "k", "value": "v"}]
     r = _ask(b, name)
@@ -352,9 +328,9 @@ def _two_servers(a: Server, b: Server) -> None:
         r = c.put(f"{API}/{name}/config",
                   json={"served_entities": [{"name": "two", "entity_name": SMOL}]})
         assert r.status_code == 200, r.text
-    _wait_for(lambda: {t["key"] for t in _get(a, name).json().get("tags", [])} == {"k", "k2"},
+    wait_for(lambda: {t["key"] for t in _get(a, name).json().get("tags", [])} == {"k", "k2"},
               30, "tags patched on B seen on A")
-    ep_a = _wait_for(lambda: _ready(a, name, 2), 120, "config version 2 on A")
+    ep_a = wait_for(lambda: _ready(a, name, 2), 120, "config version 2 on A")
     assert [e["name"] for e in ep_a["config"]["served_entities"]] == ["two"]
     r = _ask(a, name)
     assert r.status_code == 200 and r.headers["served-model-name"] == "two", r.text
@@ -362,7 +338,7 @@ def _two_servers(a: Server, b: Server) -> None:
     # deleting on A removes it from B
     with a.client() as c:
         assert c.delete(f"{API}/{name}").status_code == 200
-    _wait_for(lambda: name not in _names(b), 30, "endpoint deleted on A gone from B")
+    wait_for(lambda: name not in _names(b), 30, "endpoint deleted on A gone from B")
     assert _get(b, name).status_code == 404
     r = _ask(b, name)
     assert r.status_code == 404, r.text

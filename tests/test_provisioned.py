@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, start_server, stop_server
+from conftest import Server, start_server, stop_server, wait_for
 
 MODEL = "system.ai.smollm2-135m-instruct"
 
@@ -46,11 +46,6 @@ def _pool(srv: Server, prefix: str) -> dict:  # type: ignore[type-arg]
     return next(w for w in srv.health()["workers"] if w["entity"].startswith(prefix))
 
 
-def _wait(cond, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_optimization_info_and_pt_validation(srv: Server) -> None:
@@ -91,7 +86,7 @@ def test_provisioned_throughput_scales_up_under_load(srv: Server) -> None:
         threads = [threading.Thread(target=call) for _ in range(6)]
         for t in threads:
             t.start()
-        _wait(lambda: _pool(srv, "pt-scale/")["replicas"] == 2)
+        wait_for(lambda: _pool(srv, "pt-scale/")["replicas"] == 2)
         for t in threads:
             t.join(timeout=120)
         assert codes == [200] * 6
@@ -103,7 +98,7 @@ def test_scale_to_zero_and_cold_start(srv: Server) -> None:
     with srv.client() as c:
         _create(c, "stz", [{"name": "smol", "entity_name": MODEL, "entity_version": "1",
                             "scale_to_zero_enabled": True}])
-        _wait(lambda: _pool(srv, "stz/")["replicas"] == 0, timeout=30)
+        wait_for(lambda: _pool(srv, "stz/")["replicas"] == 0, timeout_s=30)
         ep = c.get("/api/2.0/serving-endpoints/stz").json()
         assert ep["state"]["ready"] == "READY"  # scaled to zero is still servable
         r = c.post("/serving-endpoints/stz/invocations", json={"prompt": "Hello", "max_tokens": 3})
@@ -116,13 +111,13 @@ def test_scale_to_zero_and_cold_start(srv: Server) -> None:
 def _kill_mid_request(srv: Server, c: httpx.Client, wait_ready: bool = False) -> httpx.Response:
     """Sends a long request to endpoint 'fb' and kills entity a's worker while it runs."""
     if wait_ready:
-        _wait(lambda: _pool(srv, "fb/a")["state"] == "ready")
+        wait_for(lambda: _pool(srv, "fb/a")["state"] == "ready")
     results: list[httpx.Response] = []
     body = {"prompt": "1, 2, 3, 4,", "max_tokens": 400, "temperature": 0}
     t = threading.Thread(target=lambda: results.append(
         c.post("/serving-endpoints/fb/invocations", json=body)))
     t.start()
-    _wait(lambda: _pool(srv, "fb/a")["outstanding"] == 1)
+    wait_for(lambda: _pool(srv, "fb/a")["outstanding"] == 1)
     os.kill(_pool(srv, "fb/a")["pid"], signal.SIGKILL)
     t.join(timeout=120)
     return results[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CHAT, EMBED, Server, start_server, stop_server
+from conftest import CHAT, EMBED, Server, start_server, stop_server, wait_for
 
 # At temperature 0 SmolLM2 keeps counting for thousands of tokens: a long, busy request.
 LONG = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 3000, "temperature": 0}
@@ -53,13 +53,6 @@ def _assert_idle(pid: int) -> None:
     assert used < 0.3, f"worker still busy: {used:.2f} CPU s in 1.5 s"
 
 
-def _wait(cond, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_worker_crash_gives_503_and_restarts(own_server: Server) -> None:
@@ -72,7 +65,7 @@ def test_worker_crash_gives_503_and_restarts(own_server: Server) -> None:
 
     t = threading.Thread(target=call)
     t.start()
-    _wait(lambda: _worker(srv, CHAT)["outstanding"] == 1, what="request in flight")
+    wait_for(lambda: _worker(srv, CHAT)["outstanding"] == 1, what="request in flight")
     time.sleep(0.5)  # let it decode a little
     pid = _worker(srv, CHAT)["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -90,7 +83,7 @@ def test_worker_crash_gives_503_and_restarts(own_server: Server) -> None:
         assert emb.status_code == 200
         assert len(emb.json()["data"][0]["embedding"]) == 384
         # The worker comes back (new pid) and answers again.
-        _wait(lambda: _worker(srv, CHAT)["state"] == "ready", what="worker restart")
+        wait_for(lambda: _worker(srv, CHAT)["state"] == "ready", what="worker restart")
         w = _worker(srv, CHAT)
         assert w["pid"] != pid and w["restarts"] == 1
         ok = c.post(f"/serving-endpoints/{CHAT}/invocations",
@@ -128,7 +121,7 @@ def test_client_disconnect_mid_stream_frees_worker(own_server: Server) -> None:
                 seen += line.startswith("data: ")
                 if seen == 3:
                     break  # leave mid-stream: closing the response drops the connection
-        _wait(lambda: _worker(srv, CHAT)["outstanding"] == 0, timeout=10,
+        wait_for(lambda: _worker(srv, CHAT)["outstanding"] == 0, timeout_s=10,
               what="the cancelled stream to be released")
         # The worker stopped decoding the ~3000 tokens the abandoned stream asked for,
         # and answers the next request.
@@ -142,7 +135,7 @@ def test_client_disconnect_non_streaming_frees_worker(own_server: Server) -> Non
     srv = own_server
     with pytest.raises(httpx.ReadTimeout), srv.client() as c:
         c.post(f"/serving-endpoints/{CHAT}/invocations", json=LONG, timeout=1.0)
-    _wait(lambda: _worker(srv, CHAT)["outstanding"] == 0, timeout=10,
+    wait_for(lambda: _worker(srv, CHAT)["outstanding"] == 0, timeout_s=10,
           what="the abandoned request to be cancelled")
     _assert_idle(_worker(srv, CHAT)["pid"])
     with srv.client() as c:
@@ -165,7 +158,7 @@ def test_full_queue_answers_503_with_retry_after(own_server: Server) -> None:
     for _ in range(2):  # one running, one queued: the worker is full
         threads.append(threading.Thread(target=call))
         threads[-1].start()
-    _wait(lambda: _worker(srv, CHAT)["outstanding"] == 2, what="a full worker")
+    wait_for(lambda: _worker(srv, CHAT)["outstanding"] == 2, what="a full worker")
     with srv.client() as c:
         started = time.monotonic()
         r = c.post(f"/serving-endpoints/{CHAT}/invocations", json=LONG)

@@ -60,8 +60,9 @@ def start_server(tmp: Path, env_extra: dict[str, str] | None = None, timeout_s: 
         RuntimeError: the server exited or was not healthy within ``timeout_s`` (with its log).
     """
     data_dir = tmp / "data"
-    env = dict(os.environ, FMSERVE_HOME=str(data_dir), **(env_extra or {}))
-    env.pop("DATABRICKS_TOKEN", None)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABRICKS_TOKEN", "FMSERVE_DATABASE_URL")}
+    env.update(FMSERVE_HOME=str(data_dir), **(env_extra or {}))
     out = subprocess.run(fmserve_cmd() + ["tokens", "create", "--comment", "local server"],
                          env=env, check=True, capture_output=True, text=True).stdout
     token = out.strip().splitlines()[-1]
