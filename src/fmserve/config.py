@@ -28,7 +28,10 @@ class ServerConfig:
         embed_threads: torch threads for the embeddings worker.
         max_queue: requests allowed to wait per worker before 503 + Retry-After.
         max_body_bytes: request body limit (4 MB for foundation-model endpoints, spec §10).
-        n_ctx: llama.cpp context in tokens (0 = the model's training context).
+        n_ctx: llama.cpp context in tokens (0 = the model's training context), shared by
+            the requests a worker runs at once.
+        llama_max_seqs: requests one llama.cpp worker decodes together (continuous
+            batching); 1 = one at a time.
         sync_interval_s: how often (s) to pick up endpoint changes made by other
             server processes sharing the database.
         scale_to_zero_idle_s: idle seconds before a scale-to-zero entity stops its workers.
@@ -44,6 +47,7 @@ class ServerConfig:
     max_queue: int = field(default_factory=lambda: _env_int("FMSERVE_MAX_QUEUE", 64))
     max_body_bytes: int = 4 * 1024 * 1024
     n_ctx: int = field(default_factory=lambda: _env_int("FMSERVE_N_CTX", 8192))
+    llama_max_seqs: int = field(default_factory=lambda: _env_int("FMSERVE_LLAMA_MAX_SEQS", 8))
     sync_interval_s: float = 2.0
     scale_to_zero_idle_s: float = field(
         default_factory=lambda: float(os.environ.get("FMSERVE_SCALE_TO_ZERO_IDLE_S") or 900))

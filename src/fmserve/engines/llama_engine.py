@@ -79,12 +79,26 @@ class LlamaEngine:
     def handle(self, msg: dict[str, Any], emit: Emit, cancelled: Callable[[], bool]) -> None:
         if msg["op"] != "generate":
             raise ValueError(f"llama_cpp worker cannot do {msg['op']!r}")
+        prepared = self.prepare(msg, emit)
+        if prepared is None:
+            return
+        tokens, params, room, grammar = prepared
+        emit({"t": "start", "id": msg["id"], "prompt_tokens": len(tokens)})
+        self._generate(msg["id"], tokens, params, room, emit, cancelled, grammar)
+
+    def prepare(self, msg: dict[str, Any],
+                emit: Emit) -> tuple[list[int], dict[str, Any], int, Any] | None:
+        """Prompt tokens, params, room left in the context (tokens) and compiled grammar.
+
+        Emits an ``err`` event and returns None for a prompt the template rejects, a
+        prompt longer than the context, or a schema that does not compile.
+        """
         rid = msg["id"]
         try:
             tokens = self._prompt_tokens(msg)
         except ValueError as exc:
             emit({"t": "err", "id": rid, "code": "BAD_REQUEST", "message": str(exc)})
-            return
+            return None
         n_prompt = len(tokens)
         room = self.n_ctx - n_prompt
         if room <= 0:
@@ -92,16 +106,15 @@ class LlamaEngine:
                   "message": f"The prompt is {n_prompt} tokens long, which does not fit the "
                              f"model's context of {self.n_ctx} tokens (at least 1 token must "
                              f"be left for the answer). Shorten the prompt."})
-            return
+            return None
         params = msg.get("params") or {}
         try:
             grammar = self._grammar(params.get("grammar"))
         except ValueError as exc:
             emit({"t": "err", "id": rid, "code": "BAD_REQUEST",
                   "message": f"The output schema cannot be compiled to a grammar: {exc}"})
-            return
-        emit({"t": "start", "id": rid, "prompt_tokens": n_prompt})
-        self._generate(rid, tokens, params, room, emit, cancelled, grammar)
+            return None
+        return tokens, params, room, grammar
 
     def _grammar(self, spec: dict[str, Any] | None) -> Any:
         """A compiled llama.cpp grammar for a grammar spec (see engines/structured.py)."""

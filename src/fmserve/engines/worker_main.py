@@ -61,6 +61,10 @@ def _die_with_parent() -> None:
 def load_engine(spec: dict[str, Any]) -> Any:
     kind = spec["engine"]
     if kind == "llama_cpp":
+        if int(spec.get("max_seqs") or 1) > 1:
+            from fmserve.engines.llama_batched import BatchedLlamaEngine
+
+            return BatchedLlamaEngine(spec)
         from fmserve.engines.llama_engine import LlamaEngine
 
         return LlamaEngine(spec)
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 inbox.put(msg)
 
     threading.Thread(target=reader, name="fmserve-reader", daemon=True).start()
+    if hasattr(engine, "run"):  # the engine schedules requests itself (continuous batching)
+        engine.run(inbox, cancelled, chan.send)
+        return 0
     batching = hasattr(engine, "handle_batch")
     while True:
         msg = inbox.get()

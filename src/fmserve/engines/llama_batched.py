@@ -1,0 +1,258 @@
+"""Continuous batching for llama.cpp (runs inside a worker process).
+
+:class:`BatchedLlamaEngine` owns the worker's loop (``run``): up to ``max_seqs``
+requests are active at once, each a llama.cpp *sequence* in one shared KV cache.
+Every step builds one ``llama_batch`` holding
+
+* one token for each decoding sequence, and
+* a chunk of the prompt of each sequence still in prefill (at most ``n_batch``
+  tokens per step in all, so a long prompt is spread over several steps instead of
+  stalling the other streams for its whole prefill),
+
+calls ``llama_decode`` once, and samples each sequence from its own logits with its
+own sampler chain (temperature, top-k/p, seed, grammar — the same chain
+``Llama.generate`` builds). New requests join between steps; finished or cancelled
+ones leave and free their KV cells. When the KV cache is full, the newest sequence
+fails with 503 ``TEMPORARILY_UNAVAILABLE`` (and its cells are freed) rather than
+everything stalling.
+
+Prompt handling, stop sequences, UTF-8 and grammars are shared with
+:class:`~fmserve.engines.llama_engine.LlamaEngine` (same events, same usage counts).
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fmserve.engines.llama_engine import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    LlamaEngine,
+)
+from fmserve.engines.textstream import StopMatcher, Utf8Decoder
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _Seq:
+    rid: str
+    seq_id: int
+    prompt: list[int]
+    params: dict[str, Any]
+    max_tokens: int
+    sampler: Any
+    stops: StopMatcher
+    dec: Utf8Decoder = field(default_factory=Utf8Decoder)
+    n_past: int = 0  # tokens already in the KV cache
+    next_token: int | None = None  # sampled, not yet decoded
+    count: int = 0  # completion tokens
+    logit_idx: int = -1  # row of this sequence's logits in the last batch
+    step_tokens: int = 0  # tokens this sequence put in the current batch
+    step_next: int | None = None  # next_token before the current batch (for rollback)
+
+
+class BatchedLlamaEngine(LlamaEngine):
+    """A :class:`LlamaEngine` whose worker serves ``max_seqs`` requests at once."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__({**spec, "n_ctx": 256})  # the Llama object only tokenizes
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._internals = _internals
+        self.max_seqs = int(spec.get("max_seqs") or 8)
+        self.n_batch = int(spec.get("n_batch") or 512)
+        n_ctx = int(spec.get("n_ctx") or 0) or self.llm._model.n_ctx_train()
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = self.max_seqs
+        params.kv_unified = True  # every sequence may use the whole context
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        self.ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+        self.n_ctx = n_ctx  # a single prompt may use the whole cache
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "n_ctx": self.n_ctx, "max_seqs": self.max_seqs,
+                "continuous_batching": True}
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self, inbox: queue.Queue[dict[str, Any] | None], cancelled: Any,
+            emit: Emit) -> None:
+        """Serve requests from ``inbox`` until it yields ``None``."""
+        active: dict[int, _Seq] = {}
+        free = list(range(self.max_seqs - 1, -1, -1))
+        while True:
+            while free:  # admit new requests between steps
+                try:
+                    msg = inbox.get(block=not active)
+                except queue.Empty:
+                    break
+                if msg is None:
+                    return
+                if cancelled.pop(msg["id"]):
+                    continue
+                seq = self._admit(msg, free[-1], emit)
+                if seq is not None:
+                    active[free.pop()] = seq
+            for seq in list(active.values()):
+                if seq.rid in cancelled:
+                    cancelled.pop(seq.rid)
+                    self._finish(seq, "cancelled", emit)
+                    del active[seq.seq_id]
+                    free.append(seq.seq_id)
+            if not active:
+                continue
+            try:
+                finished = self._step(list(active.values()), emit)
+            except Exception as exc:  # fail this step's requests, keep the worker serving
+                traceback.print_exc()
+                finished = list(active.values())
+                for seq in finished:
+                    emit({"t": "err", "id": seq.rid, "code": "INTERNAL_ERROR",
+                          "message": f"{type(exc).__name__}: {exc}"})
+                    self._release(seq)
+            for seq in finished:
+                del active[seq.seq_id]
+                free.append(seq.seq_id)
+
+    def _admit(self, msg: dict[str, Any], seq_id: int, emit: Emit) -> _Seq | None:
+        rid = msg["id"]
+        if msg.get("op") != "generate":
+            emit({"t": "err", "id": rid, "code": "INTERNAL_ERROR",
+                  "message": f"llama_cpp worker cannot do {msg.get('op')!r}"})
+            return None
+        prepared = self.prepare(msg, emit)
+        if prepared is None:
+            return None
+        tokens, params, room, grammar = prepared
+        emit({"t": "start", "id": rid, "prompt_tokens": len(tokens)})
+        return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, params=params,
+                    max_tokens=min(int(params.get("max_tokens") or room), room),
+                    sampler=self._sampler(params, grammar), stops=StopMatcher(params.get("stop")))
+
+    def _sampler(self, params: dict[str, Any], grammar: Any) -> Any:
+        """The sampler chain ``Llama._init_sampler`` builds, per sequence."""
+        s = self._internals.LlamaSampler()
+        s.add_penalties(n_vocab=self.llm.n_vocab(), penalty_last_n=64,
+                        penalty_repeat=float(params.get("repeat_penalty") or 1.0),
+                        penalty_freq=float(params.get("frequency_penalty") or 0.0),
+                        penalty_present=float(params.get("presence_penalty") or 0.0))
+        if grammar is not None:
+            s.add_grammar(self.llm._model, grammar)
+        temp = params.get("temperature")
+        temp = DEFAULT_TEMPERATURE if temp is None else float(temp)
+        seed = params.get("seed")
+        seed = int(seed) if seed is not None else random.getrandbits(31)
+        if temp == 0.0:
+            s.add_greedy()
+        else:
+            s.add_top_k(int(params.get("top_k") or DEFAULT_TOP_K))
+            s.add_typical(1.0, 1)
+            s.add_top_p(float(params.get("top_p") or DEFAULT_TOP_P), 1)
+            s.add_min_p(float(params.get("min_p") or 0.0), 1)
+            s.add_temp(temp)
+            s.add_dist(seed)
+        return s
+
+    # -- one decode step ------------------------------------------------------------
+    def _step(self, seqs: list[_Seq], emit: Emit) -> list[_Seq]:
+        """Decode one batch; returns the sequences that finished."""
+        import llama_cpp
+
+        b = self.batch
+        n = 0
+        sampling: list[_Seq] = []
+        # Decoding sequences first (one token each), then prompt chunks in the rest.
+        for seq in sorted(seqs, key=lambda s: s.next_token is None):
+            if n >= self.n_batch:
+                break
+            if seq.next_token is not None:
+                toks = [seq.next_token]
+            else:
+                toks = seq.prompt[seq.n_past:seq.n_past + self.n_batch - n]
+            for i, tok in enumerate(toks):
+                b.token[n] = tok
+                b.pos[n] = seq.n_past + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq.seq_id
+                b.logits[n] = 0
+                n += 1
+            seq.step_tokens, seq.step_next = len(toks), seq.next_token
+            seq.n_past += len(toks)
+            seq.next_token = None
+            if seq.n_past >= len(seq.prompt):  # prompt done: sample from the last row
+                b.logits[n - 1] = 1
+                seq.logit_idx = n - 1
+                sampling.append(seq)
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            in_batch = [s for s in seqs if s.step_tokens]
+            for seq in in_batch:  # nothing of this batch was kept: roll the step back
+                seq.n_past -= seq.step_tokens
+                seq.next_token = seq.step_next
+            return self._kv_full(in_batch, rc, emit)
+        for seq in seqs:
+            seq.step_tokens = 0
+        done = []
+        for seq in sampling:
+            tok = seq.sampler.sample(self.ctx, seq.logit_idx)
+            if self._accept(seq, tok, emit):
+                done.append(seq)
+            else:
+                seq.next_token = tok
+        return done
+
+    def _accept(self, seq: _Seq, tok: int, emit: Emit) -> bool:
+        """Handles one sampled token; True when the sequence finished."""
+        if self._lib.llama_vocab_is_eog(self._vocab, tok):
+            self._finish(seq, "stop", emit)
+            return True
+        seq.count += 1
+        text, hit = seq.stops.feed(seq.dec.decode(self.llm.detokenize([tok])))
+        if text:
+            emit({"t": "tok", "id": seq.rid, "text": text, "n": seq.count})
+        if hit:
+            self._finish(seq, "stop", emit, flush=False)
+            return True
+        if seq.count >= seq.max_tokens or seq.n_past + 1 >= self.n_ctx:
+            self._finish(seq, "length", emit)
+            return True
+        return False
+
+    def _finish(self, seq: _Seq, reason: str, emit: Emit, flush: bool = True) -> None:
+        if flush and reason != "cancelled":
+            tail = seq.stops.flush() + seq.dec.flush()
+            if tail:
+                emit({"t": "tok", "id": seq.rid, "text": tail, "n": seq.count})
+        emit({"t": "end", "id": seq.rid, "finish_reason": reason,
+              "prompt_tokens": len(seq.prompt), "completion_tokens": seq.count})
+        self._release(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        seq.sampler.close()
+
+    def _kv_full(self, seqs: list[_Seq], rc: int, emit: Emit) -> list[_Seq]:
+        """The cache had no room for this batch: fail the newest sequence, retry the rest."""
+        victim = max(seqs, key=lambda s: int(s.rid) if s.rid.isdigit() else 0)
+        for seq in seqs:
+            seq.step_tokens = 0
+        emit({"t": "err", "id": victim.rid, "code": "TEMPORARILY_UNAVAILABLE",
+              "message": f"The model's KV cache ({self.n_ctx} tokens shared by all running "
+                         f"requests) is full (llama_decode returned {rc}). Retry shortly or "
+                         "send shorter prompts.", "retry_after": 1})
+        self._release(victim)
+        return [victim]
