@@ -39,10 +39,9 @@ What it measures, in one run, on the same model files and the same thread count
 2. **Chat, concurrent streams through fmserve** - 1, 4 and 8 concurrent streams
    (asyncio + ``httpx.AsyncClient``, distinct prompts, ``max_tokens`` = N/2):
    aggregate tokens/s = all tokens / wall time, and p50 TTFT over the streams.
-   The llama worker runs one request at a time (queued requests wait), so
-   aggregate throughput should stay near the single-stream rate and TTFT grows
-   with the queue. The direct column repeats the direct single-stream decode rate
-   for comparison.
+   The llama worker decodes up to ``FMSERVE_LLAMA_MAX_SEQS`` (8) streams together
+   (continuous batching); the aggregate includes each stream's prefill. The
+   direct column repeats the direct single-stream decode rate for comparison.
 
 3. **Embeddings** - all-MiniLM-L6-v2 (sentence-transformers, torch threads = T),
    384 distinct texts.
@@ -496,7 +495,7 @@ def report(res: Results, args: argparse.Namespace) -> None:
     for conc, m in sorted(res.concurrency.items()):
         t.add_row(f"chat aggregate, {conc} concurrent x {args.max_tokens // 2} tok (tok/s)",
                   f1(d_tps), f1(m["tps"]), ratio(m["tps"], d_tps, 0.9),
-                  ">= 90 % (serial worker)")
+                  "info (issue target: 8 streams >= 2.5x 1 stream)")
         t.add_row(f"  p50 / max TTFT per stream, {conc} concurrent (ms)", "",
                   f"{f0(m['ttft_p50'])} / {f0(m['ttft_max'])}", "", "info (queueing)")
     e_d = median(res.emb_direct)

@@ -35,9 +35,9 @@ class ModelSource:
 SMOLLM2_CHUNK = 50
 MINILM_CHUNK = 2000
 
-# workload_size → (min replicas, max replicas). Each replica runs one request at a
-# time and admits ``FMSERVE_MAX_QUEUE`` more; the pool adds a replica when every
-# replica has 2+ outstanding.
+# workload_size → (min replicas, max replicas). Each llama.cpp replica decodes up to
+# FMSERVE_LLAMA_MAX_SEQS requests together and queues FMSERVE_MAX_QUEUE more; the
+# pool adds a replica when every replica has 2+ outstanding.
 WORKLOAD_SIZES = {"Small": (1, 1), "Medium": (1, 2), "Large": (1, 4)}
 
 SYSTEM_MODELS = {
