@@ -7,7 +7,8 @@ One reader thread takes frames off the socket: ``cancel`` marks a request
 cancelled at once, everything else joins the inbox. The main thread runs the
 engine: its own scheduling loop (``run``, continuous batching), batches of queued
 requests (``handle_batch``, dynamic batching), or one request at a time (``handle``).
-When the server goes away (socket EOF) the worker exits; on Linux it also asks the kernel for SIGKILL when its parent dies.
+When the server goes away (socket EOF) the worker exits; on Linux it also asks the
+kernel for SIGKILL when its parent dies.
 """
 
 from __future__ import annotations
