@@ -93,14 +93,16 @@ class BatchedLlamaEngine(LlamaEngine):
         """Serve requests from ``inbox`` until it yields ``None``."""
         active: dict[int, _Seq] = {}
         free = list(range(self.max_seqs - 1, -1, -1))
+        closing = False
         while True:
-            while free:  # admit new requests between steps
+            while free and not closing:  # admit new requests between steps
                 try:
                     msg = inbox.get(block=not active)
                 except queue.Empty:
                     break
-                if msg is None:
-                    return
+                if msg is None:  # finish what runs, then stop
+                    closing = True
+                    break
                 if cancelled.pop(msg["id"]):
                     continue
                 seq = self._admit(msg, free[-1], emit)
@@ -113,6 +115,8 @@ class BatchedLlamaEngine(LlamaEngine):
                     del active[seq.seq_id]
                     free.append(seq.seq_id)
             if not active:
+                if closing:
+                    return
                 continue
             try:
                 finished = self._step(list(active.values()), emit)
