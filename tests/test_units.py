@@ -69,3 +69,25 @@ def test_validation_names_the_field() -> None:
     req = parse_model(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}],
                                               "stop": "END", "stream_options": {}})
     assert req.stop == ["END"]
+
+
+def test_token_output_events() -> None:
+    from fmserve.engines.textstream import TokenOutput
+
+    pieces = {1: b"The ", 2: b"E", 3: b"N", 4: b"D", 9: b""}
+    for toks, stops, max_tokens, expected_text, expected_finish in [
+        ([1, 2, 3, 4], ["END"], 10, "The ", "stop"),  # a stop spanning tokens is dropped
+        ([1, 2, 3, 9], ["END"], 10, "The EN", "stop"),  # EOS: held-back text is flushed
+        ([1, 2, 3, 4], None, 3, "The EN", "length"),
+    ]:
+        events: list[dict] = []  # type: ignore[type-arg]
+        out = TokenOutput("r", 5, stops, max_tokens, events.append, detok=lambda t: pieces[t],
+                          is_eog=lambda t: t == 9)
+        for t in toks:
+            if out.accept(t):
+                break
+        out.finish("length")  # no-op once finished
+        assert "".join(e["text"] for e in events if e["t"] == "tok") == expected_text
+        ends = [e for e in events if e["t"] == "end"]
+        assert len(ends) == 1 and ends[0]["finish_reason"] == expected_finish
+        assert ends[0]["prompt_tokens"] == 5

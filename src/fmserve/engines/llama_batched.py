@@ -26,7 +26,7 @@ import queue
 import random
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fmserve.engines.llama_engine import (
@@ -35,7 +35,7 @@ from fmserve.engines.llama_engine import (
     DEFAULT_TOP_P,
     LlamaEngine,
 )
-from fmserve.engines.textstream import StopMatcher, Utf8Decoder
+from fmserve.engines.textstream import TokenOutput
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -45,14 +45,10 @@ class _Seq:
     rid: str
     seq_id: int
     prompt: list[int]
-    params: dict[str, Any]
-    max_tokens: int
     sampler: Any
-    stops: StopMatcher
-    dec: Utf8Decoder = field(default_factory=Utf8Decoder)
+    out: TokenOutput  # stop sequences, max_tokens, tok/end events
     n_past: int = 0  # tokens already in the KV cache
     next_token: int | None = None  # sampled, not yet decoded
-    count: int = 0  # completion tokens
     logit_idx: int = -1  # row of this sequence's logits in the last batch
     step_tokens: int = 0  # tokens this sequence put in the current batch
     step_next: int | None = None  # next_token before the current batch (for rollback)
@@ -111,7 +107,8 @@ class BatchedLlamaEngine(LlamaEngine):
             for seq in list(active.values()):
                 if seq.rid in cancelled:
                     cancelled.pop(seq.rid)
-                    self._finish(seq, "cancelled", emit)
+                    seq.out.finish("cancelled")
+                    self._release(seq)
                     del active[seq.seq_id]
                     free.append(seq.seq_id)
             if not active:
@@ -142,9 +139,9 @@ class BatchedLlamaEngine(LlamaEngine):
             return None
         tokens, params, room, grammar = prepared
         emit({"t": "start", "id": rid, "prompt_tokens": len(tokens)})
-        return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, params=params,
-                    max_tokens=min(int(params.get("max_tokens") or room), room),
-                    sampler=self._sampler(params, grammar), stops=StopMatcher(params.get("stop")))
+        max_tokens = min(int(params.get("max_tokens") or room), room)
+        return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, sampler=self._sampler(params, grammar),
+                    out=self.output(rid, len(tokens), params, max_tokens, emit))
 
     def _sampler(self, params: dict[str, Any], grammar: Any) -> Any:
         """The sampler chain ``Llama._init_sampler`` builds, per sequence."""
@@ -213,37 +210,21 @@ class BatchedLlamaEngine(LlamaEngine):
         done = []
         for seq in sampling:
             tok = seq.sampler.sample(self.ctx, seq.logit_idx)
-            if self._accept(seq, tok, emit):
+            if self._accept(seq, tok):
                 done.append(seq)
             else:
                 seq.next_token = tok
         return done
 
-    def _accept(self, seq: _Seq, tok: int, emit: Emit) -> bool:
-        """Handles one sampled token; True when the sequence finished."""
-        if self._lib.llama_vocab_is_eog(self._vocab, tok):
-            self._finish(seq, "stop", emit)
-            return True
-        seq.count += 1
-        text, hit = seq.stops.feed(seq.dec.decode(self.llm.detokenize([tok])))
-        if text:
-            emit({"t": "tok", "id": seq.rid, "text": text, "n": seq.count})
-        if hit:
-            self._finish(seq, "stop", emit, flush=False)
-            return True
-        if seq.count >= seq.max_tokens or seq.n_past + 1 >= self.n_ctx:
-            self._finish(seq, "length", emit)
-            return True
-        return False
-
-    def _finish(self, seq: _Seq, reason: str, emit: Emit, flush: bool = True) -> None:
-        if flush and reason != "cancelled":
-            tail = seq.stops.flush() + seq.dec.flush()
-            if tail:
-                emit({"t": "tok", "id": seq.rid, "text": tail, "n": seq.count})
-        emit({"t": "end", "id": seq.rid, "finish_reason": reason,
-              "prompt_tokens": len(seq.prompt), "completion_tokens": seq.count})
-        self._release(seq)
+    def _accept(self, seq: _Seq, tok: int) -> bool:
+        """Handles one sampled token; True when the sequence finished (and was released)."""
+        finished = seq.out.accept(tok)
+        if not finished and seq.n_past + 1 >= self.n_ctx:  # the shared context ran out
+            seq.out.finish("length")
+            finished = True
+        if finished:
+            self._release(seq)
+        return finished
 
     def _release(self, seq: _Seq) -> None:
         self._lib.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)

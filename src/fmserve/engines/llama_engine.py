@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from fmserve.engines.textstream import StopMatcher, Utf8Decoder
+from fmserve.engines.textstream import TokenOutput
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -166,11 +166,7 @@ class LlamaEngine:
             # in a different batch shape, and those logits differ in the last bits,
             # enough to flip a greedy choice depending on the previous request.
             self.llm.reset()
-        stops = StopMatcher(params.get("stop"))
-        dec = Utf8Decoder()
-        is_eog = self._lib.llama_vocab_is_eog
-        count = 0
-        finish = "length"
+        out = self.output(rid, len(tokens), params, max_tokens, emit)
         for tok in self.llm.generate(
             tokens,
             temp=DEFAULT_TEMPERATURE if temp is None else float(temp),
@@ -183,23 +179,16 @@ class LlamaEngine:
             grammar=grammar,
         ):
             if cancelled():
-                finish = "cancelled"
+                out.finish("cancelled")
                 break
-            if is_eog(self._vocab, tok):
-                finish = "stop"
+            if out.accept(tok):
                 break
-            count += 1
-            text, hit = stops.feed(dec.decode(self.llm.detokenize([tok])))
-            if text:
-                emit({"t": "tok", "id": rid, "text": text, "n": count})
-            if hit:
-                finish = "stop"
-                break
-            if count >= max_tokens:
-                break
-        if finish != "stop" or not params.get("stop"):
-            tail = stops.flush() + dec.flush()
-            if tail and finish != "cancelled":
-                emit({"t": "tok", "id": rid, "text": tail, "n": count})
-        emit({"t": "end", "id": rid, "finish_reason": finish,
-              "prompt_tokens": len(tokens), "completion_tokens": count})
+        out.finish("length")  # the context ran out (no-op when already finished)
+
+    def output(self, rid: str, prompt_tokens: int, params: dict[str, Any], max_tokens: int,
+               emit: Emit) -> TokenOutput:
+        """The event writer of one request (stop sequences, max_tokens, usage)."""
+        return TokenOutput(rid, prompt_tokens, params.get("stop"), max_tokens, emit,
+                           detok=lambda tok: self.llm.detokenize([tok]),
+                           is_eog=lambda tok: bool(self._lib.llama_vocab_is_eog(self._vocab,
+                                                                                  tok)))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
+from typing import Any
 
 
 class StopMatcher:
@@ -52,3 +54,58 @@ class Utf8Decoder:
 
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)
+
+
+class TokenOutput:
+    """One request's generated tokens → ``tok`` / ``end`` events (see ``engines/ipc.py``).
+
+    Shared by the serial and the batched llama.cpp engines: detokenizes, applies
+    stop sequences, counts completion tokens and enforces ``max_tokens``.
+    ``detok(token) -> bytes`` and ``is_eog(token) -> bool`` come from the model.
+    """
+
+    def __init__(self, rid: str, prompt_tokens: int, stops: list[str] | None, max_tokens: int,
+                 emit: Callable[[dict[str, Any]], None], detok: Callable[[int], bytes],
+                 is_eog: Callable[[int], bool]) -> None:
+        self.rid = rid
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.count = 0
+        self.done = False
+        self._stops = StopMatcher(stops)
+        self._dec = Utf8Decoder()
+        self._emit = emit
+        self._detok = detok
+        self._is_eog = is_eog
+
+    def accept(self, tok: int) -> bool:
+        """Handles one sampled token; True when the request finished (``end`` emitted)."""
+        if self._is_eog(tok):
+            self.finish("stop")
+            return True
+        self.count += 1
+        text, hit = self._stops.feed(self._dec.decode(self._detok(tok)))
+        if text:
+            self._emit({"t": "tok", "id": self.rid, "text": text, "n": self.count})
+        if hit:  # text held back for the stop sequence is dropped with it
+            self._end("stop")
+            return True
+        if self.count >= self.max_tokens:
+            self.finish("length")
+            return True
+        return False
+
+    def finish(self, reason: str) -> None:
+        """Ends the request: flushes held-back text (unless cancelled), emits ``end``."""
+        if self.done:
+            return
+        if reason != "cancelled":
+            tail = self._stops.flush() + self._dec.flush()
+            if tail:
+                self._emit({"t": "tok", "id": self.rid, "text": tail, "n": self.count})
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self.done = True
+        self._emit({"t": "end", "id": self.rid, "finish_reason": reason,
+                    "prompt_tokens": self.prompt_tokens, "completion_tokens": self.count})
