@@ -30,7 +30,7 @@ from fmserve.protocol.management import (
     PutRateLimits,
 )
 from fmserve.protocol.validation import parse_model
-from fmserve.serving.catalog import TASK_CHAT, TASK_EMBEDDINGS, resolve
+from fmserve.serving.catalog import resolve
 from fmserve.serving.endpoints import (
     EndpointRegistry,
     PendingConfig,
@@ -151,25 +151,27 @@ class EndpointManager:
             tags.pop(key, None)
         for tag in req.add_tags or []:
             tags[tag.key] = tag.model_dump(exclude_none=True)
-        ep.tags = list(tags.values())
-        rec = self.store.update(name, tags=ep.tags)
-        ep.updated_ms = rec.last_updated_timestamp
+        self._save(ep, tags=list(tags.values()))
         return ep.tags
 
     def put_ai_gateway(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         ep = self._user_endpoint(name)
         gw = parse_model(AiGatewayInput, body).model_dump(exclude_none=True)
-        ep.ai_gateway = gw
-        ep.updated_ms = self.store.update(name, ai_gateway=gw).last_updated_timestamp
+        self._save(ep, ai_gateway=gw)
         return gw
 
     def put_rate_limits(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         ep = self._user_endpoint(name)
         limits = [r.model_dump(exclude_none=True)
                   for r in parse_model(PutRateLimits, body).rate_limits]
-        ep.rate_limits = limits
-        ep.updated_ms = self.store.update(name, rate_limits=limits).last_updated_timestamp
+        self._save(ep, rate_limits=limits)
         return limits
+
+    def _save(self, ep: ServingEndpoint, **fields: Any) -> None:
+        """Stores changed endpoint fields (tags, ai_gateway, rate_limits) and applies them."""
+        ep.updated_ms = self.store.update(ep.name, **fields).last_updated_timestamp
+        for key, value in fields.items():
+            setattr(ep, key, value)
 
     def _user_endpoint(self, name: str) -> ServingEndpoint:
         ep = self.registry.get(name)
@@ -182,9 +184,8 @@ class EndpointManager:
     def _endpoint(self, rec: EndpointRecord) -> ServingEndpoint:
         return ServingEndpoint(
             name=rec.name, task=rec.task, entities=[], routes=[], description=rec.description,
-            creator=rec.creator, endpoint_type="CUSTOM_MODEL" if rec.task not in (
-                TASK_CHAT, TASK_EMBEDDINGS) else "FOUNDATION_MODEL_API",
-            created_ms=rec.creation_timestamp, updated_ms=rec.last_updated_timestamp,
+            creator=rec.creator, created_ms=rec.creation_timestamp,
+            updated_ms=rec.last_updated_timestamp,
             config_version=0, endpoint_id=rec.id, tags=list(rec.tags), ai_gateway=rec.ai_gateway,
             rate_limits=rec.rate_limits, permission_level="CAN_MANAGE", user_created=True)
 
