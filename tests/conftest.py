@@ -74,3 +74,36 @@ def server() -> Iterator[Server]:
 def http(server: Server) -> Iterator[httpx.Client]:
     with server.client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def gateway() -> Iterator[Server]:
+    """An fmserve server without local models (``--no-bundled``): external models only.
+
+    Providers time out after 3 s here so timeout tests are quick.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="fmserve-gw-"))
+    srv = start_server(tmp, env_extra={"FMSERVE_EXTERNAL_TIMEOUT_S": "3"},
+                       serve_args=("--no-bundled",))
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def create_external(srv: Server, name: str, external_model: dict[str, Any],
+                    entity_name: str | None = None) -> dict[str, Any]:
+    """Create (or replace) endpoint ``name`` serving one external model; wait until READY."""
+    with srv.client() as c:
+        c.delete(f"/api/2.0/serving-endpoints/{name}")
+        entity: dict[str, Any] = {"external_model": external_model}
+        if entity_name:
+            entity["name"] = entity_name
+        r = c.post("/api/2.0/serving-endpoints",
+                   json={"name": name, "config": {"served_entities": [entity]}})
+        assert r.status_code == 200, r.text
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: (lambda ep: ep if ep["state"]["ready"] == "READY" else None)(
+                c.get(f"/api/2.0/serving-endpoints/{name}").json()),
+            timeout_s=30, what=f"endpoint {name} READY")

@@ -55,6 +55,9 @@ def serve(
     data_dir: DataDir = None,
     database_url: DbUrl = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+    bundled: Annotated[bool, typer.Option(
+        help="Serve the bundled pay-per-token models (--no-bundled: a gateway for external "
+             "models and user endpoints only; no model is loaded).")] = True,
 ) -> None:
     """Start the server with the bundled pay-per-token endpoints."""
     import uvicorn
@@ -62,7 +65,7 @@ def serve(
     from fmserve.api.app import create_app
 
     cfg = ServerConfig(host=host, port=port, data_dir=data_dir or default_data_dir(),
-                       database_url=database_url)
+                       database_url=database_url, bundled=bundled)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     store = _token_store(cfg.data_dir, cfg.database_url)

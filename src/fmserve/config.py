@@ -36,6 +36,10 @@ class ServerConfig:
             server processes sharing the database.
         scale_to_zero_idle_s: idle seconds before a scale-to-zero entity stops its workers.
         bundled: start the bundled pay-per-token endpoints.
+        external_timeout_s: seconds an external model provider may stay silent (connect,
+            or between reads) before the request fails with 504.
+        allow_private_image_urls: let ``image_url`` fetches reach private, loopback and
+            link-local addresses (off by default: no SSRF through the gateway).
     """
 
     host: str = "127.0.0.1"
@@ -52,4 +56,9 @@ class ServerConfig:
     scale_to_zero_idle_s: float = field(
         default_factory=lambda: float(os.environ.get("FMSERVE_SCALE_TO_ZERO_IDLE_S") or 900))
     bundled: bool = True
+    external_timeout_s: float = field(
+        default_factory=lambda: float(os.environ.get("FMSERVE_EXTERNAL_TIMEOUT_S") or 600))
+    allow_private_image_urls: bool = field(
+        default_factory=lambda: os.environ.get("FMSERVE_ALLOW_PRIVATE_IMAGE_URLS", "")
+        .lower() in ("1", "true", "yes"))
     print_token: bool = True

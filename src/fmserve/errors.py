@@ -102,6 +102,20 @@ class TemporarilyUnavailable(FmserveError):
     error_code = "TEMPORARILY_UNAVAILABLE"
 
 
+class BadGateway(FmserveError):
+    """An external model provider failed or answered something unusable (HTTP 502)."""
+
+    status_code = 502
+    error_code = "BAD_GATEWAY"
+
+
+class DeadlineExceeded(FmserveError):
+    """An external model provider did not answer in time (HTTP 504)."""
+
+    status_code = 504
+    error_code = "DEADLINE_EXCEEDED"
+
+
 _BY_CODE: dict[str, type[FmserveError]] = {
     "BAD_REQUEST": BadRequest,
     "INVALID_PARAMETER_VALUE": InvalidParameterValue,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -24,7 +25,9 @@ from fmserve.serving.manager import EndpointManager
 from fmserve.serving.metrics import ServingMetrics
 from fmserve.serving.query import QueryService
 from fmserve.store.db import Database, sqlite_url
+from fmserve.providers import HttpClient, ProviderContext
 from fmserve.store.endpoints import EndpointStore
+from fmserve.store.secrets import SecretStore, load_key
 from fmserve.store.tokens import TokenStore
 
 log = logging.getLogger("fmserve")
@@ -41,6 +44,8 @@ class AppState:
     query: QueryService
     metrics: ServingMetrics
     workspace_id: str
+    secrets: SecretStore
+    http: HttpClient
 
 
 def open_database(cfg: ServerConfig) -> Database:
@@ -49,6 +54,21 @@ def open_database(cfg: ServerConfig) -> Database:
     db = Database(cfg.database_url or sqlite_url(cfg.data_dir))
     db.migrate()
     return db
+
+
+def cached_resolver(secrets: SecretStore, ttl_s: float = 5.0) -> Callable[[str], str]:
+    """``SecretStore.resolve`` with a short cache: a rotated secret is used within ``ttl_s``."""
+    cache: dict[str, tuple[float, str]] = {}
+
+    def resolve(value: str) -> str:
+        now = time.monotonic()
+        hit = cache.get(value)
+        if hit is not None and now - hit[0] < ttl_s:
+            return hit[1]
+        out = secrets.resolve(value)
+        cache[value] = (now, out)
+        return out
+    return resolve
 
 
 def create_app(cfg: ServerConfig) -> FastAPI:
@@ -61,11 +81,16 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             for ep in bundled_endpoints(cfg):
                 registry.add(ep)
         workers = registry.workers()
-        manager = EndpointManager(cfg, EndpointStore(db), registry)
+        secrets = SecretStore(db, load_key(cfg.data_dir))
+        http = HttpClient(cfg.external_timeout_s)
+        providers = ProviderContext(http=http, secret=cached_resolver(secrets),
+                                    allow_private_image_urls=cfg.allow_private_image_urls)
+        manager = EndpointManager(cfg, EndpointStore(db), registry, secrets, providers)
         app.state.fm = AppState(
             config=cfg, db=db, tokens=tokens, auth=Authenticator(tokens), registry=registry,
             manager=manager, query=QueryService(registry),
-            metrics=ServingMetrics(registry.workers), workspace_id=db.workspace_id())
+            metrics=ServingMetrics(registry.workers), workspace_id=db.workspace_id(),
+            secrets=secrets, http=http)
         await manager.sync()  # user endpoints come back, loading in the background
         await asyncio.gather(*(w.start() for w in workers))
         for w in workers:
@@ -79,6 +104,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         finally:
             syncer.cancel()
             await manager.close()
+            await http.close()
             await asyncio.gather(*(w.stop() for w in registry.workers()),
                                  return_exceptions=True)
             db.close()

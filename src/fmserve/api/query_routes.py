@@ -81,13 +81,13 @@ async def _answer(request: Request, kind: str, run: Callable[[dict[str, Any]],
     body = await read_json(request)
     name = str(body.get("model") or request.path_params.get("name") or "")
     try:
-        entity, out = await _until_disconnect(request, run(body))
+        entity, out, extra_headers = await _until_disconnect(request, run(body))
     except _ClientGone:
         return Response(status_code=499)
     except FmserveError as exc:
         fm.metrics.record(name or "-", kind, exc.status_code, time.perf_counter() - started, None)
         raise
-    headers = {"served-model-name": entity}
+    headers = {**extra_headers, "served-model-name": entity}
     if isinstance(out, dict):
         fm.metrics.record(name, kind, 200, time.perf_counter() - started, out.get("usage"))
         return Response(orjson.dumps(out), media_type="application/json", headers=headers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 
 class ContentPart(BaseModel):
@@ -61,6 +61,12 @@ class SamplingParams(BaseModel):
     extra_params: dict[str, Any] | None = None
     client_request_id: str | None = None
     usage_context: dict[str, Any] | None = None
+    # Headers a backend adds to the HTTP answer (e.g. an image-size warning).
+    _response_headers: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        return self._response_headers
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -93,7 +99,22 @@ class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    # Reasoning (spec §8.1): Anthropic-style ``thinking`` {"type": "enabled",
+    # "budget_tokens": int < max_tokens} or OpenAI-style ``reasoning_effort``.
+    thinking: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+
+    def has_images(self) -> bool:
+        """True when any message carries an ``image_url``/``image`` content part."""
+        return any(isinstance(m.content, list) and any(p.type in ("image_url", "image")
+                                                        for p in m.content)
+                   for m in self.messages)
+
+    def wants_reasoning(self) -> bool:
+        t = (self.thinking or {}).get("type")
+        return t in ("enabled", "adaptive") or self.reasoning_effort not in (None, "none")
 
 
 class CompletionRequest(SamplingParams):

@@ -21,13 +21,74 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+EXTERNAL_PROVIDERS: dict[str, str] = {
+    # provider → its config field (spec §2.4 ExternalModel); "google" (the Gemini API
+    # with an API key) is an fmserve extension.
+    "openai": "openai_config",
+    "anthropic": "anthropic_config",
+    "cohere": "cohere_config",
+    "amazon-bedrock": "amazon_bedrock_config",
+    "google-cloud-vertex-ai": "google_cloud_vertex_ai_config",
+    "google": "google_config",
+    "databricks-model-serving": "databricks_model_serving_config",
+    "custom": "custom_provider_config",
+    "ai21labs": "ai21labs_config",
+    "palm": "palm_config",
+}
+EXTERNAL_TASKS = ("llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings")
+
+
+class ExternalModelInput(_Lenient):
+    """``external_model`` of a served entity (spec §2.4 ``ExternalModel``).
+
+    Exactly one ``<provider>_config`` (see :data:`EXTERNAL_PROVIDERS`) must be given;
+    provider-specific required fields are checked by ``fmserve.providers``.
+    """
+
+    provider: str
+    name: str = Field(min_length=1)
+    task: str
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, v: str) -> str:
+        if v not in EXTERNAL_PROVIDERS:
+            raise ValueError(f"unknown external model provider '{v}'; one of "
+                             f"{sorted(EXTERNAL_PROVIDERS)}")
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        if v not in EXTERNAL_TASKS:
+            raise ValueError(f"external model task must be one of {list(EXTERNAL_TASKS)}, "
+                             f"got '{v}'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_config(self) -> ExternalModelInput:
+        extra = self.model_extra or {}
+        given = [k for k in EXTERNAL_PROVIDERS.values() if extra.get(k) is not None]
+        want = EXTERNAL_PROVIDERS[self.provider]
+        if given != [want]:
+            raise ValueError(f"provider '{self.provider}' takes exactly one config, "
+                             f"'{want}'; got {given or 'none'}")
+        if not isinstance(extra[want], dict):
+            raise ValueError(f"'{want}' must be an object")
+        return self
+
+    def provider_config(self) -> dict[str, Any]:
+        """The ``<provider>_config`` object."""
+        return dict((self.model_extra or {})[EXTERNAL_PROVIDERS[self.provider]])
+
+
 class ServedEntityInput(_Lenient):
     """One served entity: a local model (``entity_name``) or, later, an external model."""
 
     name: str | None = None
     entity_name: str | None = None
     entity_version: str | None = None
-    external_model: dict[str, Any] | None = None
+    external_model: ExternalModelInput | None = None
     workload_size: str | None = None
     workload_type: str | None = None
     scale_to_zero_enabled: bool | None = None
@@ -38,13 +99,26 @@ class ServedEntityInput(_Lenient):
     provisioned_model_units: int | None = Field(default=None, ge=0)
     environment_vars: dict[str, str] | None = None
 
+    @model_validator(mode="after")
+    def _external_exclusive(self) -> ServedEntityInput:
+        if self.external_model is not None:
+            local = [f for f in ("entity_name", "entity_version", "workload_size",
+                                 "workload_type", "scale_to_zero_enabled",
+                                 "min_provisioned_throughput", "max_provisioned_throughput",
+                                 "provisioned_model_units")
+                     if getattr(self, f) not in (None, False)]
+            if local:
+                raise ValueError(f"external_model cannot be combined with {local}")
+        elif not self.entity_name:
+            raise ValueError("a served entity needs entity_name or external_model")
+        return self
+
     def served_name(self) -> str:
         """The entity's name; default ``<entity_name>-<entity_version>`` as the SDK documents."""
         if self.name:
             return self.name
         if self.external_model:
-            return str(self.external_model.get("name", "external")).replace(".", "-").replace(
-                ":", "-")
+            return self.external_model.name.replace(".", "-").replace(":", "-")
         base = (self.entity_name or "entity").replace(".", "-").replace("/", "-")
         return f"{base}-{self.entity_version}" if self.entity_version else base
 

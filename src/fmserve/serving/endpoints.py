@@ -35,6 +35,8 @@ from fmserve.protocol.endpoints import (
     TrafficConfig,
 )
 from fmserve.protocol.management import ServedEntityInput
+from fmserve.providers import ProviderContext, build_backend
+from fmserve.store.secrets import redact_plaintext
 from fmserve.serving.catalog import (  # noqa: F401 - re-exported task names
     TASK_CHAT,
     TASK_COMPLETIONS,
@@ -74,10 +76,11 @@ class ServedEntity:
         return ServedEntityState(deployment="DEPLOYMENT_RECOVERING", deployment_state_message=msg)
 
     def output(self, creator: str) -> ServedEntityOutput:
-        extra = self.input.model_dump(exclude_none=True, exclude={"name", "entity_name",
-                                                                  "entity_version"}) \
+        # *_plaintext credentials (stored encrypted) are never shown.
+        extra = redact_plaintext(self.input.model_dump(
+            exclude_none=True, exclude={"name", "entity_name", "entity_version"})) \
             if self.input else {}
-        return ServedEntityOutput(**extra, name=self.name, entity_name=self.entity_name,
+        return ServedEntityOutput(**extra, name=self.name, entity_name=self.entity_name or None,
                                   entity_version=self.entity_version,
                                   foundation_model=self.foundation_model,
                                   creation_timestamp=self.created_ms, creator=creator,
@@ -112,6 +115,19 @@ def build_entity(endpoint: str, inp: ServedEntityInput, source: ModelSource,
     return ServedEntity(name=name, entity_name=inp.entity_name or name,
                         entity_version=inp.entity_version, backend=backend,
                         foundation_model=source.foundation_model, worker=worker, input=inp)
+
+
+def build_external_entity(inp: ServedEntityInput, ctx: ProviderContext) -> ServedEntity:
+    """A served entity fronting an external model (no worker; ready at once).
+
+    Raises:
+        InvalidParameterValue: 400 for a provider config the provider rejects.
+    """
+    assert inp.external_model is not None
+    name = inp.served_name()
+    backend = build_backend(name, inp.external_model, ctx)
+    return ServedEntity(name=name, entity_name="", entity_version=None, backend=backend,
+                        input=inp)
 
 
 @dataclass

@@ -37,7 +37,10 @@ from fmserve.serving.endpoints import (
     ServedEntity,
     ServingEndpoint,
     build_entity,
+    build_external_entity,
 )
+from fmserve.providers import ProviderContext
+from fmserve.store.secrets import SecretStore, seal_plaintext
 from fmserve.store.endpoints import EndpointRecord, EndpointStore
 
 log = logging.getLogger("fmserve.manager")
@@ -45,21 +48,18 @@ log = logging.getLogger("fmserve.manager")
 DRAIN_TIMEOUT_S = 60.0
 
 
-def _plan(cfg: ServerConfig, name: str, config: EndpointCoreConfigInput) -> tuple[
-        str, list[ServedEntity], list[tuple[str, int]]]:
+def _plan(cfg: ServerConfig, name: str, config: EndpointCoreConfigInput,
+          ctx: ProviderContext) -> tuple[str, list[ServedEntity], list[tuple[str, int]]]:
     """Task, (unstarted) served entities and routes of a config.
 
     Raises:
-        InvalidParameterValue: 400 for unknown models, mixed tasks or bad routes.
+        InvalidParameterValue: 400 for unknown models, mixed tasks, bad routes or an
+            external-model config its provider rejects.
     """
     entities_in = config.served_entities or []
+    tasks = set()
     for e in entities_in:
-        if e.external_model is not None:
-            raise InvalidParameterValue(
-                f"served_entities '{e.served_name()}': external models are not supported by "
-                "this fmserve version; serve a local model (entity_name).")
-    sources = [resolve(e.entity_name) for e in entities_in]
-    tasks = {s.task for s in sources}
+        tasks.add(e.external_model.task if e.external_model else resolve(e.entity_name).task)
     if len(tasks) > 1:
         raise InvalidParameterValue(
             f"All served entities of an endpoint must share one task; got {sorted(tasks)}.")
@@ -67,8 +67,13 @@ def _plan(cfg: ServerConfig, name: str, config: EndpointCoreConfigInput) -> tupl
         routes = config.routes()
     except ValueError as exc:
         raise InvalidParameterValue(str(exc)) from None
-    entities = [build_entity(name, e, s, cfg) for e, s in zip(entities_in, sources, strict=True)]
+    entities = [build_external_entity(e, ctx) if e.external_model
+                else build_entity(name, e, resolve(e.entity_name), cfg) for e in entities_in]
     return tasks.pop(), entities, routes
+
+
+def _has_external(config: dict[str, Any]) -> bool:
+    return any(e.get("external_model") for e in config.get("served_entities") or [])
 
 
 def _config_dict(config: EndpointCoreConfigInput) -> dict[str, Any]:
@@ -77,8 +82,11 @@ def _config_dict(config: EndpointCoreConfigInput) -> dict[str, Any]:
 
 class EndpointManager:
     def __init__(self, cfg: ServerConfig, store: EndpointStore,
-                 registry: EndpointRegistry) -> None:
+                 registry: EndpointRegistry, secrets: SecretStore,
+                 providers: ProviderContext) -> None:
         self.cfg = cfg
+        self.secrets = secrets
+        self.providers = providers
         self.store = store
         self.registry = registry
         self._tasks: set[asyncio.Task[None]] = set()
@@ -92,11 +100,14 @@ class EndpointManager:
             InvalidParameterValue: 400 for an invalid body or config.
             ResourceAlreadyExists: 409 when the name is taken.
         """
+        if isinstance(body, dict) and isinstance(body.get("config"), dict):
+            # *_plaintext credentials are encrypted before anything stores them.
+            body = {**body, "config": seal_plaintext(body["config"], self.secrets)}
         req = parse_model(CreateServingEndpoint, body)
         existing = self.registry.find(req.name)
         if existing is not None:
             raise ResourceAlreadyExists(f"Endpoint with name '{req.name}' already exists.")
-        task, entities, routes = _plan(self.cfg, req.name, req.config)
+        task, entities, routes = _plan(self.cfg, req.name, req.config, self.providers)
         async with self._lock:
             rec = self.store.create(
                 name=req.name, creator=creator, task=task, config=_config_dict(req.config),
@@ -119,8 +130,14 @@ class EndpointManager:
             or while another update is in progress).
         """
         ep = self._user_endpoint(name)
-        config = parse_model(EndpointCoreConfigInput, body)
-        task, entities, routes = _plan(self.cfg, name, config)
+        config = parse_model(EndpointCoreConfigInput, seal_plaintext(body, self.secrets))
+        if (ep.endpoint_type == "EXTERNAL_MODEL") != _has_external(_config_dict(config)):
+            # Spec §2.4: external models cannot be added to or removed from an endpoint
+            # by an update.
+            raise InvalidParameterValue(
+                f"Endpoint '{name}': an update cannot add external models to an endpoint "
+                f"that serves local models, or remove them from one that serves them.")
+        task, entities, routes = _plan(self.cfg, name, config, self.providers)
         if task != ep.task:
             raise InvalidParameterValue(
                 f"Endpoint '{name}' serves {ep.task}; an update cannot change it to {task}.")
@@ -187,7 +204,9 @@ class EndpointManager:
             creator=rec.creator, created_ms=rec.creation_timestamp,
             updated_ms=rec.last_updated_timestamp,
             config_version=0, endpoint_id=rec.id, tags=list(rec.tags), ai_gateway=rec.ai_gateway,
-            rate_limits=rec.rate_limits, permission_level="CAN_MANAGE", user_created=True)
+            rate_limits=rec.rate_limits, permission_level="CAN_MANAGE", user_created=True,
+            endpoint_type="EXTERNAL_MODEL" if _has_external(rec.config)
+            else "FOUNDATION_MODEL_API")
 
     def _rollout(self, ep: ServingEndpoint, pending: PendingConfig) -> None:
         ep.pending = pending
@@ -246,7 +265,7 @@ class EndpointManager:
                 if rec.config_version > ep.target_version:
                     try:
                         config = EndpointCoreConfigInput.model_validate(rec.config)
-                        _, entities, routes = _plan(self.cfg, name, config)
+                        _, entities, routes = _plan(self.cfg, name, config, self.providers)
                     except (InvalidParameterValue, ValueError) as exc:
                         log.error("stored endpoint %s cannot be deployed: %s", name, exc)
                         ep.config_update = "UPDATE_FAILED"

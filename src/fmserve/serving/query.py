@@ -1,6 +1,6 @@
 """Answering queries: task dispatch, routing to a served entity, response shaping.
 
-Entry points return ``(served_entity_name, body_or_stream)``:
+Entry points return ``(served_entity_name, body_or_stream, extra_headers)``:
 
 * :meth:`QueryService.invocations` — ``/serving-endpoints/{name}/invocations``: the
   body's keys decide the kind (``messages`` → chat, ``prompt`` → completions,
@@ -36,7 +36,7 @@ from fmserve.serving.endpoints import (
 )
 
 Body = dict[str, Any]
-Result = tuple[str, Body | AsyncIterator[Body]]
+Result = tuple[str, Body | AsyncIterator[Body], dict[str, str]]
 
 _KIND_TASKS = {
     "chat": (TASK_CHAT,),
@@ -118,7 +118,8 @@ class QueryService:
         last: FmserveError | None = None
         for entity in self._candidates(ep, served_model):
             try:
-                return entity.name, await run(ep, entity, req)
+                out = await run(ep, entity, req)
+                return entity.name, out, getattr(req, "response_headers", {})
             except FmserveError as exc:
                 if exc.status_code < 500:
                     raise
@@ -129,7 +130,16 @@ class QueryService:
     # -- kinds -----------------------------------------------------------------
     async def _chat(self, ep: ServingEndpoint, entity: ServedEntity,
                     req: ChatCompletionRequest) -> Body | AsyncIterator[Body]:
-        entity.backend.capabilities.require("chat", "Chat", entity.name)
+        caps = entity.backend.capabilities
+        caps.require("chat", "Chat", entity.name)
+        if req.tools and req.tool_choice != "none":
+            caps.require("tools", "Function calling (tools)", entity.name)
+        if (req.response_format or {}).get("type") in ("json_object", "json_schema"):
+            caps.require("json_schema", "Structured output (response_format)", entity.name)
+        if req.has_images():
+            caps.require("vision", "Image input", entity.name)
+        if req.wants_reasoning():
+            caps.require("reasoning", "Reasoning (thinking / reasoning_effort)", entity.name)
         head = _head("chatcmpl", ep.name)
         if req.stream:
             return await _primed(_stamp(entity.backend.chat_stream(req), head))

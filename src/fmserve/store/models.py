@@ -57,3 +57,23 @@ class Endpoint(Base):
     tags: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     ai_gateway: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     rate_limits: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+
+
+class SecretScope(Base):
+    """A secret scope (Databricks-backed style: secrets stored in this database)."""
+
+    __tablename__ = "secret_scopes"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    creation_timestamp: Mapped[int] = mapped_column(BigInteger)  # ms
+
+
+class Secret(Base):
+    """One secret, its value encrypted with Fernet (never stored or returned in clear)."""
+
+    __tablename__ = "secrets"
+
+    scope: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value_encrypted: Mapped[str] = mapped_column(Text)
+    last_updated_timestamp: Mapped[int] = mapped_column(BigInteger)  # ms
