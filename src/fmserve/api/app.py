@@ -15,6 +15,7 @@ from fmserve import __version__
 from fmserve.api import errors, manage_routes, misc_routes, query_routes
 from fmserve.config import ServerConfig
 from fmserve.gateway.auth import Authenticator
+from fmserve.providers import HttpClient, ProviderContext
 from fmserve.serving.endpoints import (
     MINILM_ENDPOINT,
     EndpointRegistry,
@@ -25,7 +26,6 @@ from fmserve.serving.manager import EndpointManager
 from fmserve.serving.metrics import ServingMetrics
 from fmserve.serving.query import QueryService
 from fmserve.store.db import Database, sqlite_url
-from fmserve.providers import HttpClient, ProviderContext
 from fmserve.store.endpoints import EndpointStore
 from fmserve.store.secrets import SecretStore, load_key
 from fmserve.store.tokens import TokenStore

@@ -69,6 +69,15 @@ class HttpClient:
     def __init__(self, timeout_s: float = 600.0) -> None:
         self.timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
+        self._image_sessions: dict[bool, aiohttp.ClientSession] = {}
+
+    def image_session(self, allow_private: bool,
+                      factory: Callable[[bool], aiohttp.ClientSession]) -> aiohttp.ClientSession:
+        """The session for fetching image URLs (see ``providers.images``), made once."""
+        s = self._image_sessions.get(allow_private)
+        if s is None or s.closed:
+            s = self._image_sessions[allow_private] = factory(allow_private)
+        return s
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -81,8 +90,9 @@ class HttpClient:
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for s in [self._session, *self._image_sessions.values()]:
+            if s is not None:
+                await s.close()
 
 
 @dataclass
@@ -167,13 +177,15 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, s
 
     Multi-line ``data:`` fields are joined with ``\\n``; comments are skipped.
     """
-    event, data = "", []
+    event: str = ""
+    data: list[str] = []
     async for raw in resp.content:
         line = raw.decode("utf-8").rstrip("\r\n")
         if not line:
             if data:
                 yield event, "\n".join(data)
-            event, data = "", []
+            event: str = ""
+    data: list[str] = []
             continue
         if line.startswith(":"):
             continue
@@ -339,7 +351,7 @@ class ExternalBackend(Backend):
         try:
             async for chunk in chunks:
                 yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError, FmserveError) as exc:
+        except (TimeoutError, aiohttp.ClientError, FmserveError) as exc:
             err = self._fail(exc)
             if not isinstance(exc, FmserveError):
                 err.message = f"The stream from {self.provider} broke: {err.message}"
@@ -378,7 +390,8 @@ class ExternalBackend(Backend):
             raise self._unsupported("Completions")
         answers = await asyncio.gather(*(self.chat(self._as_chat(req, p))
                                          for p in req.prompts()))
-        choices, prompt_t, completion_t = [], 0, 0
+        choices: list[Body] = []
+        prompt_t = completion_t = 0
         for a in answers:
             for c in a["choices"]:
                 content = c["message"].get("content")

@@ -36,7 +36,6 @@ from fmserve.protocol.endpoints import (
 )
 from fmserve.protocol.management import ServedEntityInput
 from fmserve.providers import ProviderContext, build_backend
-from fmserve.store.secrets import redact_plaintext
 from fmserve.serving.catalog import (  # noqa: F401 - re-exported task names
     TASK_CHAT,
     TASK_COMPLETIONS,
@@ -45,6 +44,7 @@ from fmserve.serving.catalog import (  # noqa: F401 - re-exported task names
     replicas_for,
     resolve,
 )
+from fmserve.store.secrets import redact_plaintext
 
 
 def now_ms() -> int:

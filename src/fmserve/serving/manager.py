@@ -30,6 +30,7 @@ from fmserve.protocol.management import (
     PutRateLimits,
 )
 from fmserve.protocol.validation import parse_model
+from fmserve.providers import ProviderContext
 from fmserve.serving.catalog import resolve
 from fmserve.serving.endpoints import (
     EndpointRegistry,
@@ -39,9 +40,8 @@ from fmserve.serving.endpoints import (
     build_entity,
     build_external_entity,
 )
-from fmserve.providers import ProviderContext
-from fmserve.store.secrets import SecretStore, seal_plaintext
 from fmserve.store.endpoints import EndpointRecord, EndpointStore
+from fmserve.store.secrets import SecretStore, seal_plaintext
 
 log = logging.getLogger("fmserve.manager")
 
