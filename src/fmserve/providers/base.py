@@ -184,8 +184,7 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, s
         if not line:
             if data:
                 yield event, "\n".join(data)
-            event: str = ""
-    data: list[str] = []
+            event, data = "", []
             continue
         if line.startswith(":"):
             continue
