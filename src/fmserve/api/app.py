@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from fmserve import __version__
-from fmserve.api import errors, manage_routes, misc_routes, query_routes
+from fmserve.api import errors, manage_routes, misc_routes, query_routes, secrets_routes
 from fmserve.config import ServerConfig
 from fmserve.gateway.auth import Authenticator
 from fmserve.providers import HttpClient, ProviderContext
@@ -115,4 +115,5 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app.include_router(misc_routes.router)
     app.include_router(manage_routes.router)
     app.include_router(query_routes.router)
+    app.include_router(secrets_routes.router)
     return app
