@@ -563,10 +563,20 @@ INVALID_CREATES = [
     pytest.param({"name": "mgmt-bad", "config": {"served_entities": [{"name": "x"}]}},
                  "entity_name", id="no-entity-name"),
     pytest.param({"name": "mgmt-bad", "config": {"served_entities": [{
+        "name": "palm", "external_model": {
+            "name": "chat-bison", "provider": "palm", "task": "llm/v1/chat",
+            "palm_config": {"palm_api_key_plaintext": "k"}}}]}},
+        "palm", id="unsupported-provider"),
+    pytest.param({"name": "mgmt-bad", "config": {"served_entities": [{
         "name": "gpt", "external_model": {
             "name": "gpt-4o", "provider": "openai", "task": "llm/v1/chat",
-            "openai_config": {"openai_api_key_plaintext": "sk-x"}}}]}},
-        "external", id="external-model"),
+            "anthropic_config": {"anthropic_api_key_plaintext": "k"}}}]}},
+        "openai_config", id="external-wrong-config"),
+    pytest.param({"name": "mgmt-bad", "config": {"served_entities": [{
+        "name": "gpt", "entity_name": "system.ai.smollm2-135m-instruct", "external_model": {
+            "name": "gpt-4o", "provider": "openai", "task": "llm/v1/chat",
+            "openai_config": {"openai_api_key_plaintext": "k"}}}]}},
+        "external_model cannot be combined", id="external-and-local"),
     pytest.param({"name": "mgmt-bad", "config": {"served_entities": "nope"}},
                  "served_entities", id="entities-not-a-list"),
 ]
