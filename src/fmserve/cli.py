@@ -1,6 +1,6 @@
-"""``fmserve`` command line: serve, tokens, endpoints, query.
+"""``fmserve`` command line: serve, tokens, secrets, endpoints, query.
 
-``serve`` and ``tokens`` work on the data dir directly; ``endpoints`` and
+``serve``, ``tokens`` and ``secrets`` work on the data dir directly; ``endpoints`` and
 ``query`` are thin clients of the HTTP API (``DATABRICKS_HOST`` /
 ``DATABRICKS_TOKEN``, or ``--host`` / ``--token``).
 """
@@ -26,6 +26,9 @@ tokens_app = typer.Typer(help="Personal access tokens.", no_args_is_help=True)
 endpoints_app = typer.Typer(help="Serving endpoints.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(endpoints_app, name="endpoints")
+secrets_app = typer.Typer(help="Secret scopes and secrets (values stored encrypted; never "
+                          "shown).", no_args_is_help=True)
+app.add_typer(secrets_app, name="secrets")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -114,6 +117,107 @@ def tokens_revoke(token_id: str, data_dir: DataDir = None, database_url: DbUrl =
         err.print(f"No token with id {token_id!r} - see 'fmserve tokens list'.")
         raise typer.Exit(1)
     err.print(f"Revoked {token_id}.")
+
+
+def _secret_store(data_dir: Path | None, database_url: str | None):  # type: ignore[no-untyped-def]
+    from fmserve.api.app import open_database
+    from fmserve.store.secrets import SecretStore, load_key
+
+    cfg = ServerConfig(data_dir=data_dir or default_data_dir(), database_url=database_url)
+    try:
+        return SecretStore(open_database(cfg), load_key(cfg.data_dir))
+    except ValueError as exc:  # a bad FMSERVE_SECRETS_KEY
+        err.print(str(exc))
+        raise typer.Exit(2) from None
+
+
+def _secrets_call(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with store errors printed as one line (exit 1)."""
+    from fmserve.errors import FmserveError, ResourceDoesNotExist
+
+    try:
+        return fn(*args)
+    except ResourceDoesNotExist as exc:
+        hint = (f" Create it first: 'fmserve secrets create-scope {args[0]}'."
+                if "Scope" in exc.message else "")
+        err.print(f"[red]{exc.error_code}[/red] {exc.message}{hint}", highlight=False)
+    except FmserveError as exc:
+        err.print(f"[red]{exc.error_code}[/red] {exc.message}", highlight=False)
+    raise typer.Exit(1)
+
+
+@secrets_app.command("create-scope")
+def secrets_create_scope(scope: str, data_dir: DataDir = None,
+                         database_url: DbUrl = None) -> None:
+    """Create a secret scope."""
+    _secrets_call(_secret_store(data_dir, database_url).create_scope, scope)
+    err.print(f"Created scope {scope}.", highlight=False)
+
+
+@secrets_app.command("list-scopes")
+def secrets_list_scopes(data_dir: DataDir = None, database_url: DbUrl = None) -> None:
+    """List secret scopes."""
+    table = Table("scope", "backend_type")
+    for name in _secret_store(data_dir, database_url).list_scopes():
+        table.add_row(name, "DATABRICKS")
+    console.print(table)
+
+
+@secrets_app.command("delete-scope")
+def secrets_delete_scope(scope: str, data_dir: DataDir = None,
+                         database_url: DbUrl = None) -> None:
+    """Delete a scope and every secret in it."""
+    _secrets_call(_secret_store(data_dir, database_url).delete_scope, scope)
+    err.print(f"Deleted scope {scope}.", highlight=False)
+
+
+def _read_value(value: str | None) -> str:
+    import sys
+
+    if value is not None:
+        return value
+    if not sys.stdin.isatty():
+        text = sys.stdin.read()
+        return text[:-1] if text.endswith("\n") else text  # `echo` adds one newline
+    return str(typer.prompt("Secret value", hide_input=True))
+
+
+@secrets_app.command("put")
+def secrets_put(
+    scope: str,
+    key: str,
+    value: Annotated[str | None, typer.Option(
+        "--value", "--string-value", help="The value (else read from stdin when piped, "
+        "else a hidden prompt). It lands in your shell history: prefer stdin.")] = None,
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Create or overwrite a secret; use it as {{secrets/SCOPE/KEY}} in endpoint configs."""
+    store = _secret_store(data_dir, database_url)
+    text = _read_value(value)
+    if not text:
+        err.print("Empty value: nothing stored.")
+        raise typer.Exit(2)
+    _secrets_call(store.put, scope, key, text)
+    err.print(f"Stored secret {key} in scope {scope}; reference it as "
+              f"{{{{secrets/{scope}/{key}}}}}.", highlight=False)
+
+
+@secrets_app.command("list")
+def secrets_list(scope: str, data_dir: DataDir = None, database_url: DbUrl = None) -> None:
+    """List the keys of a scope (never values)."""
+    table = Table("key", "last updated")
+    for m in _secrets_call(_secret_store(data_dir, database_url).list, scope):
+        table.add_row(m.key, _ms(m.last_updated_timestamp))
+    console.print(table)
+
+
+@secrets_app.command("delete")
+def secrets_delete(scope: str, key: str, data_dir: DataDir = None,
+                   database_url: DbUrl = None) -> None:
+    """Delete one secret."""
+    _secrets_call(_secret_store(data_dir, database_url).delete, scope, key)
+    err.print(f"Deleted secret {key} from scope {scope}.", highlight=False)
 
 
 def _ms(ms: int) -> str:
