@@ -1,0 +1,627 @@
+"""OpenAI-compatible providers: ``openai`` (+ Azure), ``custom``, ``databricks-model-serving``.
+
+These APIs already speak fmserve's internal format (OpenAI chat completions), so this is
+the gateway's fast path: the request is dumped once, ``model`` set to the upstream id,
+``extra_params`` merged, and the answer passed back after minimal normalisation
+(``id``/``model``/``created`` dropped, ``usage.reasoning_tokens`` filled in, ``reasoning_content``
+turned into reasoning content blocks, ``response_format`` answers validated).
+
+Configs (spec §2.4 field names):
+
+* ``openai_config``: ``openai_api_key[_plaintext]``, ``openai_api_base`` (default
+  ``https://api.openai.com/v1``), ``openai_api_type`` ``openai`` | ``azure`` | ``azuread``,
+  ``openai_api_version``, ``openai_deployment_name``, ``openai_organization`` (sent as
+  ``OpenAI-Organization``), ``microsoft_entra_client_id``,
+  ``microsoft_entra_client_secret[_plaintext]``, ``microsoft_entra_tenant_id``.
+  Azure: ``{openai_api_base}/openai/deployments/{openai_deployment_name}/chat/completions
+  ?api-version={openai_api_version}`` with header ``api-key``; ``azuread`` sends a Microsoft
+  Entra client-credentials token (scope ``https://cognitiveservices.azure.com/.default``) as
+  ``Bearer``, cached until 5 minutes before it expires (or ``openai_api_key`` used as the
+  bearer token when no Entra client is configured).
+  fmserve extension: ``microsoft_entra_authority_host`` — base URL of the token endpoint
+  (default ``https://login.microsoftonline.com``; the token is POSTed to
+  ``{host}/{tenant}/oauth2/v2.0/token``).
+* ``custom_provider_config``: ``custom_provider_url`` (the OpenAI-compatible base, e.g.
+  ``http://host:8000/v1``), at most one of ``api_key_auth {key, value | value_plaintext}``
+  (header ``key: value``) or ``bearer_token_auth {token | token_plaintext}``; fmserve also
+  allows neither (a local server without auth).
+* ``databricks_model_serving_config``: ``databricks_workspace_url`` (required),
+  ``databricks_api_token[_plaintext]``; calls ``{workspace}/serving-endpoints/chat/completions``
+  (``/completions``, ``/embeddings``) with ``model`` = the remote endpoint name.
+
+Wire formats: https://platform.openai.com/docs/api-reference/chat/create (streaming:
+``chat.completion.chunk`` events, ``stream_options.include_usage`` final usage chunk,
+``data: [DONE]``), /docs/api-reference/embeddings/create, /docs/api-reference/completions;
+Azure: learn.microsoft.com/azure/ai-services/openai/reference; Entra client credentials:
+learn.microsoft.com/entra/identity-platform/v2-oauth2-client-creds-grant-flow.
+
+Errors: provider HTTP errors are mapped by :func:`~fmserve.providers.base.provider_error`;
+an ``{"error": ...}`` event inside a stream is mapped the same way; a stream that ends
+without ``data: [DONE]`` is a 502 (:class:`~fmserve.errors.BadGateway`); an answer that
+does not match ``response_format`` is a 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import numpy as np
+import orjson
+
+from fmserve.backends import EmbeddingResult
+from fmserve.errors import BadGateway, FmserveError
+from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
+from fmserve.protocol.embeddings import EmbeddingsRequest
+from fmserve.protocol.management import ExternalModelInput
+from fmserve.providers import common
+from fmserve.providers.base import (
+    Body,
+    ExternalBackend,
+    ProviderContext,
+    provider_error,
+    sse_events,
+)
+
+OPENAI_BASE = "https://api.openai.com/v1"
+ENTRA_HOST = "https://login.microsoftonline.com"
+ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
+TOKEN_MARGIN_S = 300  # refresh an Entra token this long before it expires
+
+_OPENAI_PARAMS = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias",
+                            "logprobs", "top_logprobs", "user", "service_tier", "store",
+                            "metadata", "prediction", "modalities", "verbosity", "dimensions"})
+_INTERNAL = ("extra_params", "client_request_id", "usage_context")
+_HEAD = ("id", "model", "created", "system_fingerprint", "service_tier", "obfuscation")
+# "thinking" budget → OpenAI reasoning_effort
+_EFFORTS = ((1024, "low"), (4096, "medium"))
+
+
+def _effort(budget: int | None) -> str:
+    for limit, effort in _EFFORTS:
+        if budget is not None and budget <= limit:
+            return effort
+    return "high"
+
+
+def _strip_head(body: Body) -> Body:
+    for k in _HEAD:
+        body.pop(k, None)
+    return body
+
+
+def _usage(u: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI usage with ``reasoning_tokens`` lifted from ``completion_tokens_details``."""
+    if not u:
+        return common.usage(0, 0)
+    details = u.get("completion_tokens_details")
+    if isinstance(details, dict) and details.get("reasoning_tokens") and \
+            "reasoning_tokens" not in u:
+        u["reasoning_tokens"] = details["reasoning_tokens"]
+    if "total_tokens" not in u:
+        u["total_tokens"] = u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)
+    return u
+
+
+def _message_text(msg: dict[str, Any]) -> str:
+    content = msg.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(b.get("text", "") for b in content or []
+                   if isinstance(b, dict) and b.get("type") == "text")
+
+
+def _normalise_message(msg: dict[str, Any]) -> None:
+    """vLLM/DeepSeek ``reasoning_content`` → reasoning block; drop null extras."""
+    for k in ("refusal", "function_call", "audio", "reasoning"):
+        if k in msg and not msg[k]:
+            del msg[k]
+    rc = msg.pop("reasoning_content", None)
+    if rc:
+        text = msg.get("content")
+        blocks: list[Any] = [common.reasoning_item(rc)]
+        if isinstance(text, str) and text:
+            blocks.append({"type": "text", "text": text})
+        elif isinstance(text, list):
+            blocks.extend(text)
+        msg["content"] = blocks
+    if msg.get("tool_calls") and msg.get("content") == "":
+        msg["content"] = None
+
+
+def stream_error(provider: str, data: Body) -> FmserveError:
+    """The mapped error for an ``{"error": {...}}`` event inside a stream."""
+    err = data.get("error")
+    kind = str(err.get("type") or err.get("code") or "") if isinstance(err, dict) else ""
+    status = 502
+    for word, code in (("rate_limit", 429), ("invalid", 400), ("auth", 401),
+                       ("permission", 403), ("overloaded", 503), ("timeout", 504)):
+        if word in kind:
+            status = code
+            break
+    return provider_error(provider, status, orjson.dumps(data))
+
+
+class _Stream:
+    """Per-stream state: role per choice, tool-call indexes, usage, text for validation."""
+
+    def __init__(self, check_text: bool) -> None:
+        self.roles: set[int] = set()
+        self.calls: dict[tuple[int, Any], int] = {}
+        self.pending_args: dict[tuple[int, Any], dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.deltas = 0
+        self.texts: dict[int, str] | None = {} if check_text else None
+
+    def current_usage(self) -> dict[str, Any]:
+        if self.usage is not None:
+            return self.usage
+        return common.usage(0, self.deltas)
+
+    def tool_deltas(self, ci: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        per_choice = [k for k in self.calls if k[0] == ci]
+        for tc in calls:
+            key = (ci, tc.get("index", tc.get("id")))
+            fn = dict(tc.get("function") or {})
+            args = fn.get("arguments") or ""
+            if key not in self.calls:
+                self.calls[key] = len(per_choice)
+                per_choice.append(key)
+                placeholder = args == "{}"  # sent only if no real arguments follow
+                if placeholder:
+                    self.pending_args[key] = {"index": self.calls[key],
+                                              "function": {"arguments": "{}"}}
+                out.append({"index": self.calls[key],
+                            "id": tc.get("id") or common.new_call_id(), "type": "function",
+                            "function": {"name": fn.get("name") or "",
+                                         "arguments": "" if placeholder else args}})
+                continue
+            self.pending_args.pop(key, None)
+            if args:
+                out.append({"index": self.calls[key], "function": {"arguments": args}})
+        return out
+
+    def flush_args(self, ci: int) -> list[dict[str, Any]]:
+        keys = [k for k in self.pending_args if k[0] == ci]
+        return [self.pending_args.pop(k) for k in keys]
+
+
+class OpenAICompatBackend(ExternalBackend):
+    """Base of the three OpenAI-compatible providers (set URL and headers per provider)."""
+
+    supported_params: ClassVar[frozenset[str]] = _OPENAI_PARAMS | {"top_k"}
+    native_n: ClassVar[bool] = True
+    include_usage: ClassVar[bool] = True  # ask for the final usage chunk
+    send_encoding_format: ClassVar[bool] = True
+
+    base: str = ""
+    headers: dict[str, str]
+
+    def url(self, route: str) -> str:
+        """``route`` is ``chat/completions``, ``completions`` or ``embeddings``."""
+        return f"{self.base}/{route}"
+
+    async def auth_headers(self) -> dict[str, str]:
+        return self.headers
+
+    # -- request translation ---------------------------------------------------------
+    def adapt(self, body: Body, req: ChatCompletionRequest) -> None:
+        """Provider-specific changes to the outbound chat body (in place)."""
+
+    async def to_openai(self, req: ChatCompletionRequest, stream: bool) -> Body:
+        """The outbound chat body: the request as sent, ``model`` = upstream id."""
+        self.reject_unsupported(req)
+        if req.tools:
+            common.tool_choice_of(req, common.tools_of(req))
+        if req.response_format:
+            common.response_schema(req)
+        body = req.model_dump(exclude_unset=True)
+        extra = body.pop("extra_params", None)
+        for k in _INTERNAL:
+            body.pop(k, None)
+        body["model"] = self.model
+        if req.has_images():
+            await self._inline_images(req, body)
+        if stream:
+            body["stream"] = True
+            if self.include_usage:
+                body["stream_options"] = {**(body.get("stream_options") or {}),
+                                          "include_usage": True}
+        else:
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        self.adapt(body, req)
+        if extra:
+            body.update(extra)
+        return body
+
+    async def _inline_images(self, req: ChatCompletionRequest, body: Body) -> None:
+        from fmserve.providers.images import prepare_images
+
+        images = await prepare_images(req, self)
+        for mi, (msg, out) in enumerate(zip(req.messages, body["messages"], strict=True)):
+            if not isinstance(msg.content, list):
+                continue
+            new = []
+            for pi, part in enumerate(common.parts(msg)):
+                if common.image_url_of(part) is not None:
+                    iu = part.get("image_url")
+                    detail = iu.get("detail") if isinstance(iu, dict) else None
+                    url: dict[str, Any] = {"url": images.get(mi, pi).data_url()}
+                    if detail:
+                        url["detail"] = detail
+                    new.append({"type": "image_url", "image_url": url})
+                else:
+                    new.append(part)
+            out["content"] = new
+
+    # -- chat --------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest) -> Body:
+        """One chat completion (``n`` native).
+
+        Raises:
+            FmserveError: provider errors (mapped), 502 for an answer that breaks
+                ``response_format``.
+        """
+        body = await self.to_openai(req, stream=False)
+        answer = await self.post_json(self.url("chat/completions"), body,
+                                      await self.auth_headers())
+        return self.from_openai(answer, req)
+
+    def from_openai(self, answer: Body, req: ChatCompletionRequest) -> Body:
+        """The provider answer normalised in place (no id/model/created)."""
+        if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+            raise BadGateway(f"{self.provider} answered without choices: "
+                             f"{self.scrub(str(answer)[:200])}")
+        _strip_head(answer)
+        answer["object"] = "chat.completion"
+        check = req.response_format and req.response_format.get("type") != "text"
+        for choice in answer["choices"]:
+            msg = choice.get("message") or {}
+            _normalise_message(msg)
+            if check and choice.get("finish_reason") != "tool_calls" and not msg.get("tool_calls"):
+                common.check_structured(_message_text(msg), req)
+        answer["usage"] = _usage(answer.get("usage"))
+        return answer
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Body]:
+        """Chat chunks: role first, cumulative usage on every chunk, stable tool indexes.
+
+        Raises:
+            FmserveError: provider errors before the first chunk; after it, mapped errors
+                for an ``error`` event, a broken connection, or a stream without ``[DONE]``.
+        """
+        body = await self.to_openai(req, stream=True)
+        resp = await self.open_stream(self.url("chat/completions"), body,
+                                      await self.auth_headers())
+        async for chunk in self.guard_stream(self._chat_chunks(resp, req), resp):
+            yield chunk
+
+    async def _chat_chunks(self, resp: Any, req: ChatCompletionRequest) -> AsyncIterator[Body]:
+        check = bool(req.response_format and req.response_format.get("type") != "text")
+        st = _Stream(check)
+        held: list[Body] = []  # finish chunks wait for the final usage chunk
+        async for _, data in sse_events(resp):
+            if data == "[DONE]":
+                for chunk in held:
+                    chunk["usage"] = st.current_usage()
+                    yield chunk
+                if st.texts:
+                    for text in st.texts.values():
+                        common.check_structured(text, req)
+                return
+            chunk = orjson.loads(data)
+            if "error" in chunk and not chunk.get("choices"):
+                raise stream_error(self.provider, chunk)
+            if chunk.get("usage"):
+                st.usage = _usage(chunk["usage"])
+            choices = chunk.get("choices") or []
+            if not choices:
+                if held:
+                    for h in held:
+                        h["usage"] = st.current_usage()
+                        yield h
+                    held = []
+                elif st.usage is not None:
+                    yield {"object": "chat.completion.chunk", "choices": [],
+                           "usage": st.usage}
+                continue
+            finished = False
+            for c in choices:
+                ci = c.get("index", 0)
+                delta = c.get("delta") or {}
+                c["delta"] = delta
+                if ci not in st.roles:
+                    st.roles.add(ci)
+                    delta.setdefault("role", "assistant")
+                rc = delta.pop("reasoning_content", None)
+                if rc:
+                    delta["content"] = [common.reasoning_item(rc)]
+                if delta.get("content"):
+                    st.deltas += 1
+                    if st.texts is not None and isinstance(delta["content"], str):
+                        st.texts[ci] = st.texts.get(ci, "") + delta["content"]
+                for k in ("refusal", "function_call", "reasoning"):
+                    if k in delta and not delta[k]:
+                        del delta[k]
+                if delta.get("tool_calls"):
+                    st.deltas += 1
+                    delta["tool_calls"] = st.tool_deltas(ci, delta["tool_calls"])
+                if c.get("finish_reason"):
+                    finished = True
+                    if st.pending_args:
+                        delta.setdefault("tool_calls", []).extend(st.flush_args(ci))
+                    if st.texts is not None and c["finish_reason"] == "tool_calls":
+                        st.texts.pop(ci, None)
+            _strip_head(chunk)
+            chunk["object"] = "chat.completion.chunk"
+            chunk["usage"] = st.current_usage()
+            if finished and self.include_usage and st.usage is None:
+                held.append(chunk)
+            else:
+                yield chunk
+        raise BadGateway(f"The stream from {self.provider} ended without 'data: [DONE]'.")
+
+    # -- completions ---------------------------------------------------------------------
+    def _completion_body(self, req: CompletionRequest, stream: bool) -> Body:
+        self.reject_unsupported(req)
+        body = req.model_dump(exclude_unset=True)
+        extra = body.pop("extra_params", None)
+        for k in _INTERNAL:
+            body.pop(k, None)
+        body["model"] = self.model
+        body.pop("stream_options", None)
+        if stream:
+            body["stream"] = True
+            if self.include_usage:
+                body["stream_options"] = {"include_usage": True}
+        else:
+            body.pop("stream", None)
+        if extra:
+            body.update(extra)
+        return body
+
+    async def complete(self, req: CompletionRequest) -> Body:
+        """Native ``/completions`` for ``llm/v1/completions`` models; chat ones via chat."""
+        if self.task != "llm/v1/completions":
+            return await super().complete(req)
+        answer = await self.post_json(self.url("completions"), self._completion_body(req, False),
+                                      await self.auth_headers())
+        if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+            raise BadGateway(f"{self.provider} answered without choices.")
+        _strip_head(answer)
+        answer["object"] = "text_completion"
+        answer["usage"] = _usage(answer.get("usage"))
+        return answer
+
+    async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[Body]:
+        if self.task != "llm/v1/completions":
+            async for chunk in super().complete_stream(req):
+                yield chunk
+            return
+        resp = await self.open_stream(self.url("completions"), self._completion_body(req, True),
+                                      await self.auth_headers())
+        async for chunk in self.guard_stream(self._completion_chunks(resp), resp):
+            yield chunk
+
+    async def _completion_chunks(self, resp: Any) -> AsyncIterator[Body]:
+        st = _Stream(False)
+        async for _, data in sse_events(resp):
+            if data == "[DONE]":
+                return
+            chunk = orjson.loads(data)
+            if "error" in chunk and not chunk.get("choices"):
+                raise stream_error(self.provider, chunk)
+            if chunk.get("usage"):
+                st.usage = _usage(chunk["usage"])
+            if not chunk.get("choices") and st.usage is None:
+                continue
+            st.deltas += len(chunk.get("choices") or [])
+            _strip_head(chunk)
+            chunk["object"] = "text_completion"
+            chunk["usage"] = st.current_usage()
+            yield chunk
+        raise BadGateway(f"The stream from {self.provider} ended without 'data: [DONE]'.")
+
+    # -- embeddings ------------------------------------------------------------------------
+    async def embed(self, req: EmbeddingsRequest) -> EmbeddingResult:
+        """``/embeddings``; base64 or float answers decoded to a float32 array.
+
+        Raises:
+            BadGateway: an answer without one vector per input.
+        """
+        if not self.capabilities.embeddings:
+            raise self._unsupported("Embeddings")
+        self.reject_unsupported(req)
+        texts = req.texts()
+        body: Body = {"model": self.model, "input": texts if len(texts) != 1 or
+                      not isinstance(req.input, str) else texts[0]}
+        if self.send_encoding_format:
+            body["encoding_format"] = req.encoding_format
+        for k in ("dimensions", "user"):
+            if getattr(req, k) is not None:
+                body[k] = getattr(req, k)
+        body.update(self.extra_params(req))
+        answer = await self.post_json(self.url("embeddings"), body, await self.auth_headers())
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list) or len(data) != len(texts):
+            raise BadGateway(f"{self.provider} answered {len(data or [])} embeddings for "
+                             f"{len(texts)} inputs.")
+        data = sorted(data, key=lambda d: d.get("index", 0))
+        rows = [np.frombuffer(base64.b64decode(e["embedding"]), dtype="<f4")
+                if isinstance(e.get("embedding"), str)
+                else np.asarray(e.get("embedding"), dtype=np.float32) for e in data]
+        u = answer.get("usage") or {}
+        return EmbeddingResult(np.vstack(rows).astype(np.float32, copy=False),
+                               int(u.get("prompt_tokens") or u.get("total_tokens") or 0))
+
+    # -- config helpers --------------------------------------------------------------------
+    def nested_secret(self, obj: dict[str, Any], field: str, where: str) -> str:
+        """``obj[field]`` or ``obj[field + '_plaintext']`` (one of them), resolved and scrubbed."""
+        ref, plain = obj.get(field), obj.get(f"{field}_plaintext")
+        if bool(ref) == bool(plain):
+            raise self.config_error(f"{where} needs exactly one of '{field}' (a "
+                                    f"{{{{secrets/scope/key}}}} reference) and "
+                                    f"'{field}_plaintext'")
+        value = self.ctx.secret(str(ref or plain))
+        self._secrets.add(value)
+        return value
+
+    def base_url(self, field: str, default: str | None = None) -> str:
+        url = str(self.option(field, default) or "")
+        if not url:
+            raise self.config_error(f"'{field}' is required")
+        if not url.startswith(("http://", "https://")):
+            raise self.config_error(f"'{field}' must be an http(s) URL, got '{url}'")
+        return url.rstrip("/")
+
+
+class OpenAIBackend(OpenAICompatBackend):
+    """``openai`` provider: OpenAI, Azure OpenAI (api key) and Azure AD (Entra ID)."""
+
+    provider = "openai"
+    supported_params = _OPENAI_PARAMS
+
+    def check_config(self) -> None:
+        kind = str(self.option("openai_api_type", "openai")).lower()
+        if kind not in ("openai", "azure", "azuread"):
+            raise self.config_error(f"openai_api_type must be openai, azure or azuread, "
+                                    f"got '{kind}'")
+        self.kind = kind
+        self._token: tuple[str, float] | None = None
+        self._lock = asyncio.Lock()
+        self.headers = {}
+        if kind == "openai":
+            self.base = self.base_url("openai_api_base", OPENAI_BASE)
+            self.headers["Authorization"] = f"Bearer {self.credential('openai_api_key')}"
+            org = self.option("openai_organization")
+            if org:
+                self.headers["OpenAI-Organization"] = str(org)
+            return
+        for f in ("openai_api_base", "openai_deployment_name", "openai_api_version"):
+            if not self.option(f):
+                raise self.config_error(f"'{f}' is required for openai_api_type '{kind}'")
+        self.base = self.base_url("openai_api_base")
+        self.api_version = str(self.option("openai_api_version"))
+        self.deployment = str(self.option("openai_deployment_name"))
+        if kind == "azure":
+            self.headers["api-key"] = str(self.credential("openai_api_key"))
+            return
+        self.entra = bool(self.option("microsoft_entra_client_id"))
+        if not self.entra:
+            self.headers["Authorization"] = f"Bearer {self.credential('openai_api_key')}"
+            return
+        for f in ("microsoft_entra_client_id", "microsoft_entra_tenant_id"):
+            if not self.option(f):
+                raise self.config_error(f"'{f}' is required for Microsoft Entra ID auth")
+        self.client_secret = str(self.credential("microsoft_entra_client_secret"))
+        self.token_url = (f"{self.base_url('microsoft_entra_authority_host', ENTRA_HOST)}/"
+                          f"{self.option('microsoft_entra_tenant_id')}/oauth2/v2.0/token")
+
+    def url(self, route: str) -> str:
+        if self.kind == "openai":
+            return f"{self.base}/{route}"
+        return (f"{self.base}/openai/deployments/{self.deployment}/{route}"
+                f"?api-version={self.api_version}")
+
+    async def auth_headers(self) -> dict[str, str]:
+        if self.kind != "azuread" or not self.entra:
+            return self.headers
+        token = self._token
+        if token is None or token[1] <= time.monotonic():
+            async with self._lock:
+                token = self._token
+                if token is None or token[1] <= time.monotonic():
+                    token = self._token = await self._fetch_token()
+        return {"Authorization": f"Bearer {token[0]}"}
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        """A Microsoft Entra client-credentials access token and its refresh time."""
+        form = {"grant_type": "client_credentials",
+                "client_id": str(self.option("microsoft_entra_client_id")),
+                "client_secret": self.client_secret, "scope": ENTRA_SCOPE}
+        try:
+            async with self.ctx.http.session().post(self.token_url, data=form) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise provider_error("Microsoft Entra ID", resp.status, raw, resp.headers)
+                data = orjson.loads(raw)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._fail(exc) from None
+        token = data.get("access_token") if isinstance(data, dict) else None
+        if not token:
+            raise BadGateway("Microsoft Entra ID answered without an access_token.")
+        self._secrets.add(token)
+        life = float(data.get("expires_in") or 3600)
+        return token, time.monotonic() + max(life - TOKEN_MARGIN_S, life / 2)
+
+    def adapt(self, body: Body, req: ChatCompletionRequest) -> None:
+        # OpenAI takes reasoning_effort, not thinking; it returns no reasoning text, so
+        # prior reasoning blocks (from other providers) cannot be sent back: dropped.
+        th = body.pop("thinking", None)
+        if th is not None and "reasoning_effort" not in body:
+            if th.get("type") in ("enabled", "adaptive"):
+                body["reasoning_effort"] = _effort(common.thinking_budget(
+                    req, req.effective_max_tokens()))
+        for m in body["messages"]:
+            c = m.get("content")
+            if isinstance(c, list) and m.get("role") == "assistant":
+                kept = [p for p in c if p.get("type") != "reasoning"]
+                if len(kept) != len(c):
+                    m["content"] = kept or (None if m.get("tool_calls") else "")
+
+
+class CustomBackend(OpenAICompatBackend):
+    """``custom`` provider: any OpenAI-compatible server (vLLM, TGI, Ollama, LiteLLM, …)."""
+
+    provider = "custom"
+
+    def check_config(self) -> None:
+        self.base = self.base_url("custom_provider_url")
+        key_auth, bearer = self.config.get("api_key_auth"), self.config.get("bearer_token_auth")
+        if key_auth and bearer:
+            raise self.config_error("set only one of 'api_key_auth' and 'bearer_token_auth'")
+        self.headers = {}
+        if key_auth:
+            if not isinstance(key_auth, dict) or not key_auth.get("key"):
+                raise self.config_error("api_key_auth needs 'key' (the header name)")
+            self.headers[str(key_auth["key"])] = self.nested_secret(key_auth, "value",
+                                                                     "api_key_auth")
+        elif bearer:
+            if not isinstance(bearer, dict):
+                raise self.config_error("bearer_token_auth must be an object")
+            token = self.nested_secret(bearer, "token", "bearer_token_auth")
+            self.headers["Authorization"] = f"Bearer {token}"
+
+
+class DatabricksBackend(OpenAICompatBackend):
+    """``databricks-model-serving``: an endpoint of another Databricks/fmserve workspace."""
+
+    provider = "databricks-model-serving"
+    include_usage = False  # Databricks puts cumulative usage on every chunk
+    send_encoding_format = False
+
+    def check_config(self) -> None:
+        self.base = self.base_url("databricks_workspace_url") + "/serving-endpoints"
+        token = self.credential("databricks_api_token")
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+
+_CLASSES: dict[str, type[OpenAICompatBackend]] = {
+    "openai": OpenAIBackend, "custom": CustomBackend,
+    "databricks-model-serving": DatabricksBackend}
+
+
+def create(name: str, model: ExternalModelInput, ctx: ProviderContext) -> ExternalBackend:
+    """The backend for an ``openai``, ``custom`` or ``databricks-model-serving`` model.
+
+    Raises:
+        InvalidParameterValue: a config with missing or conflicting fields.
+    """
+    return _CLASSES[model.provider](name, model, ctx)
