@@ -107,3 +107,159 @@ def test_stream_plain(client: openai.OpenAI, fake: FakeServer, ep: str) -> None:
     assert last.choices[0].finish_reason == "stop"
     assert last.usage.prompt_tokens > 0 and last.usage.completion_tokens > 0
     assert all(c.id == chunks[0].id and c.model == ep for c in chunks)
+
+
+# -- tools -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("choice,names", [
+    (None, ["get_weather"]), ("required", ["get_weather"]),
+    ({"type": "function", "function": {"name": "get_time"}}, ["get_time"])])
+def test_tools(client: openai.OpenAI, fake: FakeServer, ep: str, choice: Any,
+               names: list[str]) -> None:
+    kw: dict[str, Any] = {"tool_choice": choice} if choice else {}
+    r = client.chat.completions.create(
+        model=ep, messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[WEATHER, TIME], **kw)  # type: ignore[list-item]
+    body = sent(fake)
+    assert body["tools"] == [WEATHER, TIME]
+    assert body.get("tool_choice") == choice
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    assert [t.function.name for t in c.message.tool_calls or []] == names
+
+
+def test_parallel_tools_and_stream(client: openai.OpenAI, fake: FakeServer, ep: str) -> None:
+    msgs = [{"role": "user", "content": "parallel weather and time"}]
+    r = client.chat.completions.create(model=ep, messages=msgs, tools=[WEATHER, TIME],
+                                       parallel_tool_calls=True)  # type: ignore[list-item]
+    assert sent(fake)["parallel_tool_calls"] is True
+    calls = r.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    chunks = stream_all(client, model=ep, messages=msgs, tools=[WEATHER, TIME])
+    seen: dict[int, dict[str, str]] = {}
+    for ch in chunks:
+        for d in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            if d.index not in seen:
+                assert d.id and d.function and d.function.name  # id + name on the first delta
+                seen[d.index] = {"id": d.id, "name": d.function.name, "args": ""}
+            else:
+                assert d.id is None
+            assert (d.function.arguments if d.function else "") != "{}"
+            seen[d.index]["args"] += (d.function.arguments or "") if d.function else ""
+    assert [(s["id"], s["name"]) for s in seen.values()] == [(c.id, c.function.name)
+                                                             for c in calls]
+    assert [json.loads(s["args"]) for s in seen.values()] == [{"city": "Paris"}, {"tz": "Paris"}]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_result_turn(client: openai.OpenAI, fake: FakeServer, ep: str) -> None:
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = client.chat.completions.create(model=ep, messages=msgs,  # type: ignore[arg-type]
+                                       tools=[WEATHER])  # type: ignore[list-item]
+    assert sent(fake)["messages"] == msgs
+    assert r.choices[0].message.content == "Tool said: sunny"
+
+
+def test_bad_tool_is_400_before_provider(client: openai.OpenAI, fake: FakeServer,
+                                         ep: str) -> None:
+    n = len(fake.requests)
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        client.chat.completions.create(
+            model=ep, messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert len(fake.requests) == n
+
+
+# -- reasoning, structured output ----------------------------------------------------------
+def test_reasoning_effort_and_thinking_mapped(client: openai.OpenAI, fake: FakeServer,
+                                              ep: str) -> None:
+    r = client.chat.completions.create(model=ep, messages=[{"role": "user", "content": "why"}],
+                                       reasoning_effort="high")
+    assert sent(fake)["reasoning_effort"] == "high"
+    assert r.usage is not None and r.usage.completion_tokens_details is not None
+    assert r.usage.model_dump()["reasoning_tokens"] > 0
+    # Anthropic-style thinking becomes reasoning_effort; prior reasoning blocks (which
+    # OpenAI never returns and cannot take back) are dropped from assistant history.
+    prior = {"role": "assistant", "content": [
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "t",
+                                           "signature": "sig"}]},
+        {"type": "text", "text": "earlier"}]}
+    client.chat.completions.create(
+        model=ep, messages=[{"role": "user", "content": "a"}, prior,  # type: ignore[list-item]
+                            {"role": "user", "content": "b"}], max_tokens=4096,
+        extra_body={"thinking": {"type": "enabled", "budget_tokens": 2048}})
+    body = sent(fake)
+    assert "thinking" not in body and body["reasoning_effort"] == "medium"
+    assert body["messages"][1] == {"role": "assistant",
+                                   "content": [{"type": "text", "text": "earlier"}]}
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+RF = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}}
+
+
+def test_json_schema(client: openai.OpenAI, fake: FakeServer, ep: str) -> None:
+    r = client.chat.completions.create(model=ep, messages=[{"role": "user", "content": "p"}],
+                                       response_format=RF)  # type: ignore[arg-type]
+    assert sent(fake)["response_format"] == RF
+    assert json.loads(r.choices[0].message.content or "") == {"name": "Paris", "age": 3}
+    chunks = stream_all(client, model=ep, messages=[{"role": "user", "content": "p"}],
+                        response_format=RF)
+    assert json.loads(joined(chunks)) == {"name": "Paris", "age": 3}
+
+
+def test_json_schema_violation_is_502(client: openai.OpenAI, gateway: Server, ep: str) -> None:
+    with gateway.client() as http:
+        r = http.post("/serving-endpoints/chat/completions", json={
+            "model": ep, "messages": [{"role": "user", "content": "FAIL:badjson"}],
+            "response_format": RF})
+        assert r.status_code == 502 and "not valid JSON" in r.json()["message"]
+        events = stream_lines(http, {"model": ep, "response_format": RF, "messages": [
+            {"role": "user", "content": "FAIL:badjson"}]})
+        assert events[-1] == "data: [DONE]" and "not valid JSON" in events[-2]
+
+
+def stream_lines(http: httpx.Client, body: dict[str, Any]) -> list[str]:
+    with http.stream("POST", "/serving-endpoints/chat/completions",
+                     json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        return [ln for ln in r.iter_lines() if ln]
+
+
+# -- errors --------------------------------------------------------------------------------
+@pytest.mark.parametrize("fail,status", [("400", 400), ("401", 401), ("429", 429),
+                                         ("500", 502), ("timeout", 504)])
+def test_errors(gateway: Server, ep: str, fail: str, status: int) -> None:
+    with gateway.client() as http:
+        r = http.post("/serving-endpoints/chat/completions", json={
+            "model": ep, "messages": [{"role": "user", "content": f"FAIL:{fail}"}]})
+    assert r.status_code == status, r.text
+    if fail == "429":
+        assert r.headers["Retry-After"] == "7"
+        assert "Rate limit reached" in r.json()["message"]
+    if fail == "401":
+        assert "Incorrect API key" in r.json()["message"]
+
+
+def test_openai_client_error_classes(client: openai.OpenAI, ep: str) -> None:
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model=ep, messages=[{"role": "user", "content": "FAIL:429"}])
+    with pytest.raises(openai.AuthenticationError):
+        stream_all(client, model=ep, messages=[{"role": "user", "content": "FAIL:401"}])
+
+
+@pytest.mark.parametrize("fail,needle", [("reset", "broke"), ("midstream", "server had an error"),
+                                         ("nodone", "without 'data: [DONE]'")])
+def test_stream_breaks_end_with_error_event(gateway: Server, ep: str, fail: str,
+                                            needle: str) -> None:
+    with gateway.client() as http:
+        lines = stream_lines(http, {"model": ep, "messages": [
+            {"role": "user", "content": f"hi FAIL:{fail}"}]})
+    assert lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][6:])
+    assert err["error_code"] == "BAD_GATEWAY" and needle in err["message"], err
