@@ -385,7 +385,7 @@ class ExternalBackend(Backend):
 
     async def complete(self, req: CompletionRequest) -> Body:
         """Completions on a chat model: each prompt becomes one user turn (``n`` per prompt)."""
-        if not self.capabilities.chat:
+        if not self.capabilities.completions:
             raise self._unsupported("Completions")
         answers = await asyncio.gather(*(self.chat(self._as_chat(req, p))
                                          for p in req.prompts()))
@@ -407,7 +407,7 @@ class ExternalBackend(Backend):
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[Body]:
         """Streams a chat answer as completion chunks (one prompt, ``n`` = 1)."""
-        if not self.capabilities.chat:
+        if not self.capabilities.completions:
             raise self._unsupported("Completions")
         prompts = req.prompts()
         if len(prompts) != 1 or req.n != 1:
