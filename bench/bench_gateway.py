@@ -1,0 +1,473 @@
+"""Gateway-overhead benchmark: fmserve vs LiteLLM's proxy vs MLflow's AI Gateway.
+
+Run by hand (not a test), on an otherwise idle machine::
+
+    .venv/bin/python bench/bench_gateway.py [--duration 10] [--conns 32]
+                                            [--gateways fmserve,litellm,mlflow]
+
+Every gateway sits in front of the same fake OpenAI-compatible upstream on loopback
+(``bench/fake_upstream.py``: a raw asyncio/httptools server answering a fixed chat
+completion, or 8 SSE deltas with ``"stream": true``) and is loaded, one after the other in
+the same run, by ``wrk`` (Debian package ``wrk``; install it with ``apt-get install wrk``).
+LiteLLM (``litellm[proxy]``, 1 worker) and MLflow's gateway (``mlflow[gateway]``,
+``mlflow gateway start``, its default 2 workers) are installed from PyPI into their own venvs
+under ``.bench/`` the first time (``--no-install`` refuses to). fmserve is
+``fmserve serve --no-bundled`` (one process, no local-model workers) with an endpoint serving
+an ``openai`` external model whose ``openai_api_base`` is the upstream.
+
+Cases, each ``--duration`` seconds after a short warm-up, non-streaming unless said:
+
+* ``req/s @N``: wrk with ``--conns`` connections;
+* ``p50``/``p99 @1``: latency at one connection, and the same minus the upstream's own
+  (measured by loading the upstream directly: the "direct" row);
+* ``stream req/s @N`` and ``stream p50 @1``: ``"stream": true``, time to the last byte;
+* ``CPU ms/req``: utime+stime of the gateway's whole process tree (``/proc``) during the
+  ``req/s @N`` case, divided by the requests served in it;
+* ``RSS MB``: resident memory summed over the process tree after all cases (forked workers
+  share pages, so a multi-process tree counts them more than once — as ``ps`` would).
+
+Prints a rich table, then fmserve's targets with pass/fail: req/s @N >= MLflow's in the
+same run; added p50 <= 0.5 ms; server process RSS <= 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / ".bench"
+sys.path.insert(0, str(ROOT / "src"))
+from fmserve.testing import free_port, start_server, stop_server  # noqa: E402
+
+console = Console(width=max(180, shutil.get_terminal_size().columns))
+MODEL = "gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+TARGET_ADDED_P50_MS = 0.5
+TARGET_RSS_MB = 150.0
+VENVS = {"litellm": ("litellm-venv", ["litellm[proxy]"], "litellm"),
+         "mlflow": ("mlflow-venv", ["mlflow[gateway]"], "mlflow")}
+
+# wrk prints this line from done(); latencies in microseconds.
+_WRK_LUA = """
+wrk.method = "POST"
+wrk.body = %s
+%s
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%%d,"duration_us":%%d,"status_errors":%%d,"socket_errors":%%d,'
+    .. '"p50_us":%%d,"p99_us":%%d,"mean_us":%%.1f}\\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def _lua_str(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# ---------------------------------------------------------------- process accounting
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    kids = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    """utime + stime of ``pids`` (seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in pids:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12])  # fields 14, 15 of stat: utime, stime
+    return total / tick
+
+
+def rss_mb(pids: list[int]) -> float:
+    total_kb = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+# ---------------------------------------------------------------- gateways
+
+@dataclass
+class Gateway:
+    """A running gateway: where to POST, with what headers, and how to stop it."""
+
+    name: str
+    workers: str
+    url: str
+    headers: dict[str, str]
+    body: Callable[[bool], dict[str, Any]]
+    pid: int
+    stop: Callable[[], None]
+    version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _chat_body(model: str) -> Callable[[bool], dict[str, Any]]:
+    return lambda stream: {"model": model, "messages": MESSAGES, "max_tokens": 32,
+                           **({"stream": True} if stream else {})}
+
+
+def _venv(kind: str, install: bool) -> Path:
+    """The venv's bin dir, created and filled from PyPI if missing."""
+    dirname, reqs, exe = VENVS[kind]
+    venv = BENCH_DIR / dirname
+    bindir = venv / "bin"
+    if (bindir / exe).exists():
+        return bindir
+    if not install:
+        raise SystemExit(f"{venv} is missing (run without --no-install to create it)")
+    console.print(f"Creating {venv} (pip install {' '.join(reqs)}; takes a few minutes) ...")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(bindir / "pip"), "install", "-q", *reqs], check=True)
+    return bindir
+
+
+def _pkg_version(bindir: Path, pkg: str) -> str:
+    out = subprocess.run([str(bindir / "python"), "-c",
+                          f"import importlib.metadata as m; print(m.version({pkg!r}))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd, start_new_session=True)
+
+
+def _stopper(proc: subprocess.Popen[bytes]) -> Callable[[], None]:
+    def stop() -> None:
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    return stop
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path, probe: Callable[[], bool],
+                what: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            if probe():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} not ready in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def start_fmserve(tmp: Path, upstream: str, install: bool) -> Gateway:
+    srv = start_server(tmp / "fmserve", serve_args=("--no-bundled",))
+    name = "bench-openai"
+    external = {"provider": "openai", "name": MODEL, "task": "llm/v1/chat",
+                "openai_config": {"openai_api_key_plaintext": "sk-bench",
+                                  "openai_api_base": upstream + "/v1"}}
+    try:
+        with srv.client() as c:
+            r = c.post("/api/2.0/serving-endpoints", json={
+                "name": name, "config": {"served_entities": [{"external_model": external}]}})
+            if r.status_code != 200:
+                raise RuntimeError(f"creating the endpoint: HTTP {r.status_code} {r.text}")
+            deadline = time.monotonic() + 30
+            while True:
+                state = c.get(f"/api/2.0/serving-endpoints/{name}").json()["state"]
+                if state["ready"] == "READY":
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"endpoint not READY: {state}\n{srv.log()[-3000:]}")
+                time.sleep(0.2)
+    except Exception:
+        stop_server(srv)
+        raise
+    from fmserve import __version__
+    return Gateway("fmserve", "1", srv.url + "/serving-endpoints/chat/completions",
+                   srv.headers, _chat_body(name), srv.proc.pid, lambda: stop_server(srv),
+                   __version__)
+
+
+def start_litellm(tmp: Path, upstream: str, install: bool) -> Gateway:
+    bindir = _venv("litellm", install)
+    port = free_port()
+    key = "sk-litellm-bench"
+    cfg = tmp / "litellm.yaml"
+    cfg.write_text(json.dumps({  # JSON is YAML
+        "model_list": [{"model_name": MODEL, "litellm_params": {
+            "model": f"openai/{MODEL}", "api_base": upstream + "/v1", "api_key": "sk-bench"}}],
+        "litellm_settings": {"telemetry": False, "drop_params": True},
+        "general_settings": {"master_key": key}}))
+    env = _env()
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
+    log = tmp / "litellm.log"
+    proc = _spawn([str(bindir / "litellm"), "--config", str(cfg), "--host", "127.0.0.1",
+                   "--port", str(port), "--num_workers", "1"], log, env, tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, log, lambda: httpx.get(url + "/health/liveliness",
+                                                 timeout=2).status_code == 200, "litellm")
+    except Exception:
+        _stopper(proc)()
+        raise
+    return Gateway("LiteLLM proxy", "1", url + "/v1/chat/completions",
+                   {"Authorization": f"Bearer {key}"}, _chat_body(MODEL), proc.pid,
+                   _stopper(proc), _pkg_version(bindir, "litellm"))
+
+
+def start_mlflow(tmp: Path, upstream: str, install: bool) -> Gateway:
+    bindir = _venv("mlflow", install)
+    port = free_port()
+    cfg = tmp / "mlflow-gateway.yaml"
+    cfg.write_text(json.dumps({"endpoints": [{
+        "name": "chat", "endpoint_type": "llm/v1/chat",
+        "model": {"provider": "openai", "name": MODEL,
+                  "config": {"openai_api_key": "sk-bench",
+                             "openai_api_base": upstream + "/v1"}}}]}))
+    log = tmp / "mlflow.log"
+    proc = _spawn([str(bindir / "mlflow"), "gateway", "start", "--config-path", str(cfg),
+                   "--host", "127.0.0.1", "--port", str(port)], log, _env(), tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, log, lambda: httpx.get(url + "/health", timeout=2).status_code == 200,
+                    "mlflow gateway")
+        time.sleep(2)  # let every worker finish starting
+    except Exception:
+        _stopper(proc)()
+        raise
+    return Gateway("MLflow AI Gateway", str(max(1, len(tree(proc.pid)) - 2)),
+                   url + "/v1/chat/completions", {}, _chat_body("chat"), proc.pid, _stopper(proc), _pkg_version(bindir, "mlflow"))
+
+
+STARTERS = {"fmserve": start_fmserve, "litellm": start_litellm, "mlflow": start_mlflow}
+
+
+# ---------------------------------------------------------------- load
+
+def check(gw: Gateway) -> None:
+    """One plain and one streaming request must answer the upstream's text."""
+    with httpx.Client(timeout=30, headers=gw.headers) as c:
+        r = c.post(gw.url, json=gw.body(False))
+        if r.status_code != 200 or "How can I help" not in r.text:
+            raise RuntimeError(f"{gw.name}: HTTP {r.status_code}: {r.text[:500]}")
+        r = c.post(gw.url, json=gw.body(True))
+        if r.status_code != 200 or "today?" not in r.text or "data:" not in r.text:
+            raise RuntimeError(f"{gw.name} stream: HTTP {r.status_code}: {r.text[:500]}")
+
+
+def wrk(url: str, headers: dict[str, str], body: dict[str, Any], conns: int,
+        duration_s: float, tmp: Path) -> dict[str, Any]:
+    hdrs = {"Content-Type": "application/json", **headers}
+    script = tmp / f"wrk-{abs(hash(json.dumps(body, sort_keys=True)))}-{len(headers)}.lua"
+    script.write_text(_WRK_LUA % (_lua_str(json.dumps(body)), "\n".join(
+        f"wrk.headers[{_lua_str(k)}] = {_lua_str(v)}" for k, v in hdrs.items())))
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration_s))}s", "--timeout", "10s",
+           "-s", str(script), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    res: dict[str, Any] = json.loads(line[8:])
+    res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+    return res
+
+
+@dataclass
+class Row:
+    name: str
+    version: str
+    workers: str
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    stream_rps: float = 0.0
+    stream_p50_ms: float = 0.0
+    cpu_ms: float | None = None
+    rss_mb: float | None = None
+    errors: int = 0
+
+
+def measure(name: str, version: str, workers: str, url: str, headers: dict[str, str],
+            body: Callable[[bool], dict[str, Any]], pid: int | None, args: argparse.Namespace,
+            tmp: Path) -> Row:
+    row = Row(name, version, workers)
+    console.print(f"[bold]{name}[/bold] {version}: warm-up ...")
+    wrk(url, headers, body(False), args.conns, 2, tmp)
+    wrk(url, headers, body(True), args.conns, 1, tmp)
+    pids = tree(pid) if pid else []
+    before = cpu_s(pids)
+    r = wrk(url, headers, body(False), args.conns, args.duration, tmp)
+    if pids:
+        row.cpu_ms = (cpu_s(pids) - before) * 1000 / max(1, r["requests"])
+    row.rps = r["rps"]
+    lat = wrk(url, headers, body(False), 1, args.duration, tmp)
+    row.p50_ms, row.p99_ms = lat["p50_us"] / 1000, lat["p99_us"] / 1000
+    s = wrk(url, headers, body(True), args.conns, args.duration, tmp)
+    row.stream_rps = s["rps"]
+    s1 = wrk(url, headers, body(True), 1, args.duration, tmp)
+    row.stream_p50_ms = s1["p50_us"] / 1000
+    row.errors = sum(x["status_errors"] + x["socket_errors"] for x in (r, lat, s, s1))
+    if pid:
+        row.rss_mb = rss_mb(tree(pid))
+    console.print(f"  {row.rps:,.0f} req/s @{args.conns}, p50 {row.p50_ms:.2f} ms @1, "
+                  f"stream {row.stream_rps:,.0f} req/s, errors {row.errors}")
+    return row
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> None:
+    base = rows[0]
+    t = Table(title=f"Gateway overhead — same upstream, wrk, {args.duration:.0f} s per case, "
+                    f"{os.cpu_count()} CPUs")
+    for col in ("gateway", "version", "workers", f"req/s @{args.conns}", "p50 @1 (ms)",
+                "added p50", "p99 @1 (ms)", "added p99", f"stream req/s @{args.conns}",
+                "stream p50 @1 (ms)", "added stream p50", "CPU ms/req", "RSS MB", "errors"):
+        t.add_column(col, justify="left" if col in ("gateway", "version") else "right")
+    for r in rows:
+        direct = r is base
+        t.add_row(r.name, r.version, r.workers, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}",
+                  "" if direct else f"{r.p50_ms - base.p50_ms:+.2f}", f"{r.p99_ms:.2f}",
+                  "" if direct else f"{r.p99_ms - base.p99_ms:+.2f}", f"{r.stream_rps:,.0f}",
+                  f"{r.stream_p50_ms:.2f}",
+                  "" if direct else f"{r.stream_p50_ms - base.stream_p50_ms:+.2f}",
+                  "" if r.cpu_ms is None else f"{r.cpu_ms:.2f}",
+                  "" if r.rss_mb is None else f"{r.rss_mb:.0f}", str(r.errors))
+    console.print(t)
+    fm = next((r for r in rows if r.name == "fmserve"), None)
+    ml = next((r for r in rows if r.name.startswith("MLflow")), None)
+    if fm is None:
+        return
+    console.print("[bold]fmserve targets[/bold] (one server process, no local-model workers):")
+
+    def verdict(ok: bool) -> str:
+        return "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+
+    if ml is not None:
+        console.print(f"  req/s @{args.conns} >= MLflow's ({ml.workers} workers, "
+                      f"{ml.rps:,.0f}): {fm.rps:,.0f}  {verdict(fm.rps >= ml.rps)}")
+    added = fm.p50_ms - base.p50_ms
+    console.print(f"  added p50 @1 <= {TARGET_ADDED_P50_MS} ms: {added:.2f} ms  "
+                  f"{verdict(added <= TARGET_ADDED_P50_MS)}")
+    if fm.rss_mb is not None:
+        console.print(f"  server RSS <= {TARGET_RSS_MB:.0f} MB: {fm.rss_mb:.0f} MB  "
+                      f"{verdict(fm.rss_mb <= TARGET_RSS_MB)}")
+    if fm.errors:
+        console.print(f"  [red]fmserve answered {fm.errors} requests with errors[/red]")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=10, help="seconds per case")
+    ap.add_argument("--conns", type=int, default=32, help="connections for the req/s cases")
+    ap.add_argument("--gateways", default="fmserve,litellm,mlflow",
+                    help="comma-separated subset of fmserve,litellm,mlflow")
+    ap.add_argument("--no-install", action="store_true",
+                    help="fail instead of creating the LiteLLM/MLflow venvs under .bench/")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    names = [n.strip() for n in args.gateways.split(",") if n.strip()]
+    unknown = set(names) - set(STARTERS)
+    if unknown:
+        raise SystemExit(f"unknown gateways {sorted(unknown)}; choose from {sorted(STARTERS)}")
+    for n in names:  # install up front so the measured run is not interleaved with pip
+        if n in VENVS:
+            _venv(n, not args.no_install)
+
+    tmp = Path(tempfile.mkdtemp(prefix="fmserve-bench-gw-"))
+    port = free_port()
+    up_log = tmp / "upstream.log"
+    upstream_proc = _spawn([sys.executable, str(ROOT / "bench" / "fake_upstream.py"),
+                            "--port", str(port)], up_log, _env(), tmp)
+    upstream = f"http://127.0.0.1:{port}"
+    rows: list[Row] = []
+    try:
+        _wait_ready(upstream_proc, up_log,
+                    lambda: httpx.get(upstream + "/v1/models", timeout=2).status_code == 200,
+                    "fake upstream", 30)
+        rows.append(measure("direct (upstream)", "", "1", upstream + "/v1/chat/completions",
+                            {"Authorization": "Bearer sk-bench"}, _chat_body(MODEL), None,
+                            args, tmp))
+        for n in names:
+            gw = STARTERS[n](tmp, upstream, not args.no_install)
+            try:
+                check(gw)
+                rows.append(measure(gw.name, gw.version, gw.workers, gw.url, gw.headers,
+                                    gw.body, gw.pid, args, tmp))
+            finally:
+                gw.stop()
+    finally:
+        _stopper(upstream_proc)()
+        if args.keep_logs:
+            console.print(f"logs in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(rows, args)
+
+
+if __name__ == "__main__":
+    main()
