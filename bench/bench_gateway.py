@@ -300,7 +300,8 @@ def start_mlflow(tmp: Path, upstream: str, install: bool) -> Gateway:
         _stopper(proc)()
         raise
     return Gateway("MLflow AI Gateway", str(max(1, len(tree(proc.pid)) - 2)),
-                   url + "/v1/chat/completions", {}, _chat_body("chat"), proc.pid, _stopper(proc), _pkg_version(bindir, "mlflow"))
+                   url + "/v1/chat/completions", {}, _chat_body("chat"), proc.pid,
+                   _stopper(proc), _pkg_version(bindir, "mlflow"))
 
 
 STARTERS = {"fmserve": start_fmserve, "litellm": start_litellm, "mlflow": start_mlflow}
