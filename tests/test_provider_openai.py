@@ -263,3 +263,165 @@ def test_stream_breaks_end_with_error_event(gateway: Server, ep: str, fail: str,
     assert lines[-1] == "data: [DONE]"
     err = json.loads(lines[-2][6:])
     assert err["error_code"] == "BAD_GATEWAY" and needle in err["message"], err
+
+
+# -- Azure OpenAI ----------------------------------------------------------------------------
+def azure(fake: FakeServer, **cfg: Any) -> dict[str, Any]:
+    return {"provider": "openai", "name": "gpt-4o", "task": "llm/v1/chat", "openai_config": {
+        "openai_api_base": fake.url, "openai_deployment_name": "my-gpt4o",
+        "openai_api_version": "2024-10-21", **cfg}}
+
+
+def test_azure_api_key(gateway: Server, client: openai.OpenAI, fake: FakeServer) -> None:
+    create_external(gateway, "openai-azure", azure(fake, openai_api_type="azure",
+                                                    openai_api_key_plaintext="azure-key-12345"))
+    r = client.chat.completions.create(model="openai-azure",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content.startswith("Echo: hi")  # type: ignore[union-attr]
+    rec = fake.last()
+    assert rec.path == "/openai/deployments/my-gpt4o/chat/completions"
+    assert rec.query == {"api-version": "2024-10-21"}
+    assert rec.headers["api-key"] == "azure-key-12345" and "authorization" not in rec.headers
+    assert joined(stream_all(client, model="openai-azure",
+                             messages=[{"role": "user", "content": "s"}])).startswith("Echo: s")
+
+
+def test_azuread_entra_token_fetched_once(gateway: Server, client: openai.OpenAI,
+                                          fake: FakeServer) -> None:
+    create_external(gateway, "openai-azuread", azure(
+        fake, openai_api_type="azuread", microsoft_entra_client_id="app-id",
+        microsoft_entra_client_secret_plaintext="entra-secret-xyz",
+        microsoft_entra_tenant_id="tenant-1", microsoft_entra_authority_host=fake.url))
+    before = len([r for r in fake.requests if r.path.endswith("/token")])
+    for _ in range(3):
+        client.chat.completions.create(model="openai-azuread",
+                                       messages=[{"role": "user", "content": "hi"}])
+        assert fake.last().headers["authorization"].startswith("Bearer entra-token-")
+    tokens = [r for r in fake.requests if r.path.endswith("/token")]
+    assert len(tokens) == before + 1
+    tok = tokens[-1]
+    assert tok.path == "/tenant-1/oauth2/v2.0/token"
+    form = dict(x.split("=", 1) for x in tok.body.decode().split("&"))
+    assert form["grant_type"] == "client_credentials" and form["client_id"] == "app-id"
+    assert form["client_secret"] == "entra-secret-xyz"
+    assert form["scope"] == "https%3A%2F%2Fcognitiveservices.azure.com%2F.default"
+    assert fake.last().path == "/openai/deployments/my-gpt4o/chat/completions"
+
+
+def test_bad_configs_are_400(gateway: Server, fake: FakeServer) -> None:
+    bad = [azure(fake, openai_api_type="azure"),  # no key
+           azure(fake, openai_api_type="bogus", openai_api_key_plaintext="k"),
+           {**azure(fake), "openai_config": {"openai_api_type": "azure",
+                                             "openai_api_key_plaintext": "k"}},
+           {"provider": "custom", "name": "m", "task": "llm/v1/chat",
+            "custom_provider_config": {"custom_provider_url": "ftp://x"}},
+           {"provider": "custom", "name": "m", "task": "llm/v1/chat",
+            "custom_provider_config": {"custom_provider_url": "http://x", "api_key_auth": {
+                "key": "x-api-key", "value_plaintext": "a"}, "bearer_token_auth": {
+                "token_plaintext": "b"}}},
+           {"provider": "databricks-model-serving", "name": "m", "task": "llm/v1/chat",
+            "databricks_model_serving_config": {"databricks_workspace_url": "http://x"}}]
+    with gateway.client() as http:
+        for model in bad:
+            r = http.post("/api/2.0/serving-endpoints", json={
+                "name": "openai-bad", "config": {"served_entities": [{"external_model": model}]}})
+            assert r.status_code == 400, (model, r.text)
+            assert r.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
+# -- custom ----------------------------------------------------------------------------------
+def test_custom_api_key_auth(gateway: Server, client: openai.OpenAI, fake: FakeServer) -> None:
+    create_external(gateway, "openai-custom-key", {
+        "provider": "custom", "name": "llama-3-8b", "task": "llm/v1/chat",
+        "custom_provider_config": {"custom_provider_url": fake.url + "/v1/", "api_key_auth": {
+            "key": "X-Api-Key", "value_plaintext": "custom-key-abcdef"}}})
+    client.chat.completions.create(model="openai-custom-key", top_p=0.5,
+                                   messages=[{"role": "user", "content": "hi"}],
+                                   extra_body={"top_k": 40})
+    rec = fake.last()
+    assert rec.path == "/v1/chat/completions" and rec.headers["x-api-key"] == "custom-key-abcdef"
+    assert "authorization" not in rec.headers
+    assert rec.json() == {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}],
+                          "top_p": 0.5, "top_k": 40}
+
+
+def test_custom_bearer_and_reasoning_content(gateway: Server, client: openai.OpenAI,
+                                             fake: FakeServer) -> None:
+    create_external(gateway, "openai-custom-bearer", {
+        "provider": "custom", "name": "deepseek-r1", "task": "llm/v1/chat",
+        "custom_provider_config": {"custom_provider_url": fake.url + "/vllm/v1",
+                                   "bearer_token_auth": {"token_plaintext": "bearer-tok-123"}}})
+    msgs = [{"role": "user", "content": "why"}]
+    r = client.chat.completions.create(model="openai-custom-bearer", messages=msgs,
+                                       reasoning_effort="low")
+    assert fake.last().headers["authorization"] == "Bearer bearer-tok-123"
+    assert sent(fake)["reasoning_effort"] == "low"  # passed as the client sent it
+    content = r.choices[0].message.content
+    assert content[0] == {"type": "reasoning", "summary": [
+        {"type": "summary_text", "text": "Thinking about: why"}]}
+    assert content[1]["text"].startswith("Echo: why")
+    chunks = stream_all(client, model="openai-custom-bearer", messages=msgs,
+                        reasoning_effort="low")
+    blocks = [c.choices[0].delta.content for c in chunks if c.choices]
+    assert [{"type": "reasoning", "summary": [{"type": "summary_text",
+                                               "text": "Thinking about: why"}]}] in blocks
+
+
+# -- databricks-model-serving ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dbx(gateway: Server, fake: FakeServer) -> str:
+    create_external(gateway, "openai-dbx", {
+        "provider": "databricks-model-serving", "name": "databricks-claude-sonnet",
+        "task": "llm/v1/chat", "databricks_model_serving_config": {
+            "databricks_workspace_url": fake.url, "databricks_api_token_plaintext": "dapi-remote-1"}})
+    return "openai-dbx"
+
+
+def test_databricks_thinking_round_trip(client: openai.OpenAI, fake: FakeServer,
+                                        dbx: str) -> None:
+    think = {"type": "enabled", "budget_tokens": 1024}
+    r = client.chat.completions.create(model=dbx, messages=[{"role": "user", "content": "why"}],
+                                       max_tokens=2048, extra_body={"thinking": think})
+    rec = fake.last()
+    assert rec.path == "/serving-endpoints/chat/completions"
+    assert rec.headers["authorization"] == "Bearer dapi-remote-1"
+    assert rec.json()["model"] == "databricks-claude-sonnet" and rec.json()["thinking"] == think
+    msg = r.choices[0].message.model_dump(warnings=False)
+    reasoning = msg["content"][0]
+    assert reasoning["summary"][0]["signature"].startswith("sig-")
+    # the prior reasoning block (signature included) goes back to the provider intact
+    history = [{"role": "user", "content": "why"},
+               {"role": "assistant", "content": msg["content"]},
+               {"role": "user", "content": "and?"}]
+    client.chat.completions.create(model=dbx, messages=history,  # type: ignore[arg-type]
+                                   max_tokens=2048, extra_body={"thinking": think})
+    assert sent(fake)["messages"][1] == {"role": "assistant", "content": msg["content"]}
+    chunks = stream_all(client, model=dbx, messages=[{"role": "user", "content": "why"}],
+                        max_tokens=2048, extra_body={"thinking": think})
+    assert "stream_options" not in sent(fake)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    first = [c.choices[0].delta.content for c in chunks
+             if isinstance(c.choices[0].delta.content, list)]
+    assert first[0][0]["summary"][0]["signature"] == reasoning["summary"][0]["signature"]
+    usage = [c.usage.completion_tokens for c in chunks if c.usage]
+    assert len(usage) == len(chunks) and usage == sorted(usage)
+
+
+def test_databricks_mlflow_predict(monkeypatch: pytest.MonkeyPatch, gateway: Server,
+                                   fake: FakeServer, dbx: str) -> None:
+    from mlflow.deployments import get_deploy_client
+
+    monkeypatch.setenv("DATABRICKS_HOST", gateway.url)
+    monkeypatch.setenv("DATABRICKS_TOKEN", gateway.token)
+    out = get_deploy_client("databricks").predict(endpoint=dbx, inputs={
+        "messages": [{"role": "user", "content": "mlflow"}], "max_tokens": 20})
+    assert out["choices"][0]["message"]["content"].startswith("Echo: mlflow")
+    assert sent(fake)["max_tokens"] == 20
+
+
+def test_databricks_errors(gateway: Server, dbx: str) -> None:
+    with gateway.client() as http:
+        r = http.post("/serving-endpoints/chat/completions", json={
+            "model": dbx, "messages": [{"role": "user", "content": "FAIL:429"}]})
+    assert r.status_code == 429 and r.headers["Retry-After"] == "7"
+    assert "Rate limit reached" in r.json()["message"]

@@ -29,6 +29,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -262,8 +263,8 @@ def fake() -> FakeServer:
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     async def token(request: Request) -> Response:
-        await server.record(request)
-        form = await request.form()
+        rec = await server.record(request)
+        form = dict(parse_qsl(rec.body.decode()))
         if form.get("grant_type") != "client_credentials" or not form.get("client_secret"):
             return JSONResponse({"error": "invalid_request",
                                  "error_description": "AADSTS900144: bad request"}, 400)
