@@ -330,3 +330,45 @@ def test_unknown_field_rejected(gateway: Server, chat_ep: str) -> None:
                    headers={"Authorization": f"Bearer {gateway.token}"},
                    json={"messages": [{"role": "user", "content": "x"}], "logit_bias": {}})
     assert r.status_code == 400 and "logit_bias" in r.json()["message"]
+
+
+# -- pure translation (no server) ----------------------------------------------------------
+def _req(**kw: Any) -> Any:
+    from fmserve.protocol.chat import ChatCompletionRequest
+    return ChatCompletionRequest.model_validate(kw)
+
+
+def test_to_converse_rules() -> None:
+    from fmserve.errors import InvalidParameterValue
+    from fmserve.providers.bedrock_converse import to_converse
+    user = [{"role": "user", "content": "x"}]
+    with pytest.raises(InvalidParameterValue, match="only supported for bedrock_provider"):
+        to_converse(_req(messages=user, reasoning_effort="high"), "cohere")
+    history = [*user, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                            "function": {"name": "get_weather",
+                                                                         "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    with pytest.raises(InvalidParameterValue, match="tool_choice 'none'"):
+        to_converse(_req(messages=history, tools=[WEATHER], tool_choice="none"), "anthropic")
+    with pytest.raises(InvalidParameterValue, match="together with tools"):
+        to_converse(_req(messages=user, tools=[WEATHER],
+                         response_format={"type": "json_object"}), "anthropic")
+    body = to_converse(_req(messages=user, thinking={"type": "enabled", "budget_tokens": 1024},
+                            top_k=5, extra_params={"additionalModelRequestFields": {"x": 1},
+                                                   "guardrailConfig": {"g": 1}}), "anthropic")
+    assert body["inferenceConfig"] == {"maxTokens": 1024 + 4096}
+    assert body["additionalModelRequestFields"] == {
+        "thinking": {"type": "enabled", "budget_tokens": 1024}, "top_k": 5, "x": 1}
+    assert body["guardrailConfig"] == {"g": 1}
+
+
+def test_from_converse_stop_reasons_and_redacted() -> None:
+    from fmserve.providers.bedrock_converse import from_converse
+    ans, usage = from_converse({"output": {"message": {"content": [
+        {"reasoningContent": {"redactedContent": "b64=="}}, {"text": "hi"}]}},
+        "stopReason": "guardrail_intervened", "usage": {"inputTokens": 4, "outputTokens": 2}},
+        structured=False)
+    assert ans.finish_reason == "content_filter" and ans.text == "hi"
+    assert ans.message()["content"][0] == {"type": "reasoning", "summary": [
+        {"type": "summary_encrypted_text", "data": "b64=="}]}
+    assert usage == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}

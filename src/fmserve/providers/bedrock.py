@@ -9,7 +9,8 @@ Config (spec §2.4 ``amazon_bedrock_config``):
 * ``instance_profile_arn`` / ``uc_service_credential_name``: Databricks-only ways of
   assuming an AWS role. fmserve cannot use them and does **not** fall back to botocore's
   default credential chain (that would silently use the gateway host's own identity):
-  without access keys the config is a 400 that says so;
+  without access keys the config is a 400 that says so (given with keys, the keys are
+  used);
 * ``bedrock_endpoint_url`` (fmserve extension): the Bedrock runtime base URL, default
   ``https://bedrock-runtime.{aws_region}.amazonaws.com`` (VPC endpoints, proxies, tests).
 
