@@ -425,3 +425,103 @@ def test_databricks_errors(gateway: Server, dbx: str) -> None:
             "model": dbx, "messages": [{"role": "user", "content": "FAIL:429"}]})
     assert r.status_code == 429 and r.headers["Retry-After"] == "7"
     assert "Rate limit reached" in r.json()["message"]
+
+
+# -- embeddings, completions -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def emb(gateway: Server, fake: FakeServer) -> str:
+    create_external(gateway, "openai-emb", fake_openai.external_model(
+        fake.url, task="llm/v1/embeddings", name="text-embedding-3-small"))
+    return "openai-emb"
+
+
+def test_embeddings_openai_client_base64(client: openai.OpenAI, fake: FakeServer,
+                                         emb: str) -> None:
+    r = client.embeddings.create(model=emb, input=["a", "bb"])  # base64 by default
+    assert sent(fake) == {"model": "text-embedding-3-small", "input": ["a", "bb"],
+                          "encoding_format": "base64"}
+    assert fake.last().path == "/v1/embeddings"
+    for d, text in zip(r.data, ["a", "bb"], strict=True):
+        assert d.embedding == pytest.approx(fake_openai.vector(text), abs=1e-6)
+    assert r.usage.prompt_tokens == 2
+    r = client.embeddings.create(model=emb, input="a", encoding_format="float", dimensions=8)
+    assert sent(fake) == {"model": "text-embedding-3-small", "input": "a",
+                          "encoding_format": "float", "dimensions": 8}
+    assert r.data[0].embedding == pytest.approx(fake_openai.vector("a"), abs=1e-6)
+
+
+def test_embeddings_databricks_sdk(gateway: Server, fake: FakeServer, emb: str) -> None:
+    from databricks.sdk import WorkspaceClient
+
+    w = WorkspaceClient(host=gateway.url, token=gateway.token)
+    r = w.serving_endpoints.query(emb, input=["hello", "world"])
+    assert sent(fake)["input"] == ["hello", "world"]
+    assert [d.embedding for d in r.data or []] == [
+        pytest.approx(fake_openai.vector(t), abs=1e-6) for t in ("hello", "world")]
+
+
+def test_embeddings_via_databricks_provider(gateway: Server, client: openai.OpenAI,
+                                            fake: FakeServer) -> None:
+    create_external(gateway, "openai-dbx-emb", {
+        "provider": "databricks-model-serving", "name": "databricks-gte-large-en",
+        "task": "llm/v1/embeddings", "databricks_model_serving_config": {
+            "databricks_workspace_url": fake.url, "databricks_api_token_plaintext": "dapi-2"}})
+    r = client.embeddings.create(model="openai-dbx-emb", input=["x"])
+    assert fake.last().path == "/serving-endpoints/embeddings"
+    assert sent(fake) == {"model": "databricks-gte-large-en", "input": ["x"]}
+    assert r.data[0].embedding == pytest.approx(fake_openai.vector("x"), abs=1e-6)
+
+
+def test_native_completions(gateway: Server, client: openai.OpenAI, fake: FakeServer) -> None:
+    create_external(gateway, "openai-cmpl", fake_openai.external_model(
+        fake.url, task="llm/v1/completions", name="gpt-3.5-turbo-instruct"))
+    r = client.completions.create(model="openai-cmpl", prompt="once", max_tokens=30)
+    assert fake.last().path == "/v1/completions"
+    assert sent(fake) == {"model": "gpt-3.5-turbo-instruct", "prompt": "once", "max_tokens": 30}
+    assert r.choices[0].text.startswith("Echo: once") and r.model == "openai-cmpl"
+    chunks = list(client.completions.create(model="openai-cmpl", prompt="twice", stream=True))
+    assert sent(fake)["stream_options"] == {"include_usage": True}
+    assert "".join(c.choices[0].text for c in chunks if c.choices).startswith("Echo: twice")
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 0
+
+
+def test_completions_on_chat_model_go_through_chat(client: openai.OpenAI, fake: FakeServer,
+                                                   ep: str) -> None:
+    r = client.completions.create(model=ep, prompt="p1")
+    assert fake.last().path == "/v1/chat/completions"
+    assert r.choices[0].text.startswith("Echo: p1")
+
+
+# -- images, secrets -----------------------------------------------------------------------------
+def test_images_sent_as_data_urls(client: openai.OpenAI, fake: FakeServer, ep: str) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (0, 90, 200)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    r = client.chat.completions.create(model=ep, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what"},
+        {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}])
+    parts = sent(fake)["messages"][0]["content"]
+    assert parts[0] == {"type": "text", "text": "what"}
+    assert parts[1]["type"] == "image_url" and parts[1]["image_url"]["detail"] == "low"
+    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert "[images: 1]" in (r.choices[0].message.content or "")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=ep, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+
+
+def test_keys_never_shown(gateway: Server, ep: str, dbx: str) -> None:
+    secrets = [KEY, "azure-key-12345", "entra-secret-xyz", "custom-key-abcdef",
+               "bearer-tok-123", "dapi-remote-1"]
+    with gateway.client() as http:
+        texts = [http.get("/api/2.0/serving-endpoints").text]
+        texts += [http.get(f"/api/2.0/serving-endpoints/{n}").text for n in (ep, dbx)]
+    texts.append(gateway.log())
+    for text in texts:
+        for s in secrets:
+            assert s not in text
