@@ -17,6 +17,8 @@ from fakes.anthropic import API_KEY, MODEL, external_model, fake
 from fakes.server import FakeServer
 from PIL import Image
 
+from fmserve.providers.anthropic import ResponseTool, from_anthropic, stream_error
+
 EP = "anthropic-chat"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -348,11 +350,42 @@ def test_errors(gateway: Server, ep: str, trigger: str, status: int, code: str |
     assert API_KEY not in r.text
 
 
-@pytest.mark.parametrize("trigger", ["reset", "overloaded"])
-def test_stream_breaks_mid_way(client: openai.OpenAI, ep: str, trigger: str) -> None:
-    with pytest.raises(openai.APIError) as exc:
+@pytest.mark.parametrize(("trigger", "code"), [("reset", "BAD_GATEWAY"),
+                                               ("overloaded", "TEMPORARILY_UNAVAILABLE")])
+def test_stream_breaks_mid_way(client: openai.OpenAI, gateway: Server, ep: str, trigger: str,
+                               code: str) -> None:
+    with pytest.raises(openai.APIError):
         stream(client, ep, user(f"FAIL:{trigger}"))
-    assert API_KEY not in str(exc.value)
+    with gateway.client() as c:
+        r = c.post(f"/serving-endpoints/{ep}/invocations",
+                   json={"messages": user(f"FAIL:{trigger}"), "stream": True})
+    events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(events[-2])["error_code"] == code
+    assert API_KEY not in r.text
+
+
+def test_redacted_thinking_both_ways(client: openai.OpenAI, ep: str, ant: FakeServer) -> None:
+    history = [*user("q"), {"role": "assistant", "content": [
+        {"type": "reasoning", "summary": [{"type": "summary_encrypted_text", "data": "EnC"}]},
+        {"type": "text", "text": "a"}]}, *user("q2")]
+    chat(client, ep, history, extra_body=THINK)
+    assert sent(ant)["messages"][1]["content"] == [{"type": "redacted_thinking", "data": "EnC"},
+                                                   {"type": "text", "text": "a"}]
+    ans, u = from_anthropic({"content": [
+        {"type": "redacted_thinking", "data": "EnC"},
+        {"type": "thinking", "thinking": "x" * 40, "signature": "s"},
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}],
+        "stop_reason": "end_turn", "usage": {"input_tokens": 5, "cache_creation_input_tokens": 3,
+                                             "output_tokens": 7}}, ResponseTool())
+    assert ans.message()["content"][0] == {"type": "reasoning", "summary": [
+        {"type": "summary_encrypted_text", "data": "EnC"}]}
+    assert ans.finish_reason == "tool_calls"  # never "stop" when a tool was called
+    assert u == {"prompt_tokens": 8, "completion_tokens": 7, "total_tokens": 15,
+                 "reasoning_tokens": 10}
+    err = stream_error('{"type":"error","error":{"type":"rate_limit_error","message":"slow"}}')
+    assert (err.status_code, err.message) == (429, "anthropic returned HTTP 429: slow")
 
 
 def test_databricks_sdk_and_key_never_shown(gateway: Server, ep: str) -> None:

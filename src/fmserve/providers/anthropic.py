@@ -62,7 +62,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
-from fmserve.errors import BadGateway, InvalidParameterValue
+from fmserve.errors import BadGateway, FmserveError, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest
 from fmserve.protocol.management import ExternalModelInput
 from fmserve.providers.base import (
@@ -330,7 +330,7 @@ def from_anthropic(data: Body, rtool: ResponseTool) -> tuple[Answer, dict[str, i
                       _estimate(thinking_chars) or None)
 
 
-def stream_error(data: str) -> Exception:
+def stream_error(data: str) -> FmserveError:
     """The mapped error for an ``event: error`` payload."""
     try:
         kind = (orjson.loads(data).get("error") or {}).get("type")
