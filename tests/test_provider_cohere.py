@@ -22,15 +22,15 @@ from tests.fakes.server import FakeServer
 
 KEY = fake_cohere.KEY
 MODEL = "command-r-plus-08-2024"
-WEATHER = {"type": "function", "function": {
+WEATHER: Any = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
-TIME = {"type": "function", "function": {
+TIME: Any = {"type": "function", "function": {
     "name": "get_time", "description": "Local time",
     "parameters": {"type": "object", "properties": {"tz": {"type": "string"}},
                    "required": ["tz"]}}}
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string"},
+SCHEMA: Any = {"type": "object", "properties": {"city": {"type": "string"},
                                            "days": {"type": "integer"}},
           "required": ["city", "days"]}
 
@@ -57,7 +57,7 @@ def sent(fake: FakeServer) -> dict[str, Any]:
     return fake.last().json()  # type: ignore[no-any-return]
 
 
-def user(text: str) -> list[dict[str, Any]]:
+def user(text: str) -> Any:
     return [{"role": "user", "content": text}]
 
 
@@ -124,7 +124,7 @@ def test_tools_auto_parallel_and_result_turn(client: openai.OpenAI, fake: FakeSe
                                        tools=[WEATHER])
     body = sent(fake)
     assert body["tools"] == [WEATHER] and "tool_choice" not in body
-    msg = r.choices[0].message
+    msg: Any = r.choices[0].message
     assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
     assert msg.tool_calls and msg.tool_calls[0].function.name == "get_weather"
     assert json.loads(msg.tool_calls[0].function.arguments) == {"city": "Paris"}
@@ -132,7 +132,7 @@ def test_tools_auto_parallel_and_result_turn(client: openai.OpenAI, fake: FakeSe
 
     r = client.chat.completions.create(model=ep, messages=user("parallel weather"),
                                        tools=[WEATHER, TIME])
-    calls = r.choices[0].message.tool_calls or []
+    calls: list[Any] = list(r.choices[0].message.tool_calls or [])
     assert [c.function.name for c in calls] == ["get_weather", "get_time"]
     assert len({c.id for c in calls}) == 2
 
@@ -163,7 +163,8 @@ def test_tool_choice_required_named_none(client: openai.OpenAI, fake: FakeServer
         model=ep, messages=user("hi"), tools=[WEATHER, TIME],
         tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert sent(fake)["tools"] == [TIME] and sent(fake)["tool_choice"] == "REQUIRED"
-    assert (r.choices[0].message.tool_calls or [])[0].function.name == "get_time"
+    forced: Any = (r.choices[0].message.tool_calls or [])[0]
+    assert forced.function.name == "get_time"
     r = client.chat.completions.create(model=ep, messages=user("weather?"), tools=[WEATHER],
                                        tool_choice="none")
     assert sent(fake)["tool_choice"] == "NONE"
@@ -310,3 +311,26 @@ def test_databricks_sdk_query_and_key_never_shown(gateway: Server, fake: FakeSer
         config = shown["config"]["served_entities"][0]["external_model"]["cohere_config"]
         assert config == {"cohere_api_base": fake.url}  # *_plaintext never shown
     assert KEY not in gateway.log()
+
+
+def test_answer_not_matching_response_format_is_502(client: openai.OpenAI, ep: str) -> None:
+    # extra_params override what fmserve sent: the fake then answers plain text.
+    kw: Any = {"model": ep, "messages": user("plan"), "extra_body": {
+        "extra_params": {"response_format": {"type": "text"}}},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t",
+                                                                   "schema": SCHEMA}}}
+    with pytest.raises(openai.InternalServerError, match="not valid JSON") as ei:
+        client.chat.completions.create(**kw)
+    assert ei.value.status_code == 502
+    with pytest.raises(openai.APIError, match="not valid JSON"):
+        stream_all(client, **kw)
+
+
+def test_config_without_key_is_400(gateway: Server) -> None:
+    with gateway.client() as c:
+        r = c.post("/api/2.0/serving-endpoints", json={"name": "cohere-nokey", "config": {
+            "served_entities": [{"external_model": {
+                "provider": "cohere", "name": MODEL, "task": "llm/v1/chat",
+                "cohere_config": {"cohere_api_base": "http://127.0.0.1:9"}}}]}})
+    assert r.status_code == 400, r.text
+    assert "cohere_api_key" in r.json()["message"]
