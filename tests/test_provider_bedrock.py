@@ -23,11 +23,11 @@ from openai import OpenAI
 from PIL import Image
 
 MODEL_PATH = "/model/anthropic.claude-3-5-sonnet-20240620-v1:0"
-WEATHER = {"type": "function", "function": {
+WEATHER: Any = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
-TIME = {"type": "function", "function": {
+TIME: Any = {"type": "function", "function": {
     "name": "get_time", "parameters": {"type": "object", "properties": {
         "tz": {"type": "string"}}, "required": ["tz"]}}}
 
@@ -115,7 +115,7 @@ def test_tools(client: OpenAI, chat_ep: str, fake: FakeServer, choice: Any,
     assert body["toolConfig"]["tools"][0] == {"toolSpec": {
         "name": "get_weather", "description": "Weather in a city",
         "inputSchema": {"json": WEATHER["function"]["parameters"]}}}
-    msg = r.choices[0].message
+    msg: Any = r.choices[0].message
     assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
     assert msg.tool_calls and msg.tool_calls[0].id.startswith("call_")
     want = "get_time" if isinstance(choice, dict) else "get_weather"
@@ -126,7 +126,7 @@ def test_parallel_calls_then_tool_results(client: OpenAI, chat_ep: str,
                                           fake: FakeServer) -> None:
     r = client.chat.completions.create(model=chat_ep, tools=[WEATHER, TIME], messages=[
         {"role": "user", "content": "weather in parallel"}])
-    calls = r.choices[0].message.tool_calls or []
+    calls: list[Any] = list(r.choices[0].message.tool_calls or [])
     assert [c.function.name for c in calls] == ["get_weather", "get_time"]
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
     history: list[Any] = [{"role": "user", "content": "weather in parallel"},
@@ -150,7 +150,8 @@ def test_parallel_calls_then_tool_results(client: OpenAI, chat_ep: str,
 def test_tool_choice_none_omits_tools(client: OpenAI, chat_ep: str, fake: FakeServer) -> None:
     r = client.chat.completions.create(model=chat_ep, tools=[WEATHER], tool_choice="none",
                                        messages=[{"role": "user", "content": "weather?"}])
-    assert "toolConfig" not in sent(fake) and r.choices[0].message.content.startswith("Echo")
+    assert "toolConfig" not in sent(fake)
+    assert (r.choices[0].message.content or "").startswith("Echo")
 
 
 def test_thinking_and_signature_round_trip(gateway: Server, chat_ep: str,
