@@ -176,6 +176,10 @@ class SecretStore:
                     f"Secret reference {{{{secrets/{m.group(1)}/{m.group(2)}}}}} does not "
                     f"exist; create it with 'fmserve secrets put {m.group(1)} {m.group(2)}' "
                     f"or the secrets API.") from None
+            except UnicodeDecodeError:
+                raise InvalidParameterValue(
+                    f"Secret reference {{{{secrets/{m.group(1)}/{m.group(2)}}}}} holds bytes "
+                    f"that are not UTF-8 text; a credential must be text.") from None
         return SECRET_REF.sub(sub, value)
 
 
