@@ -138,7 +138,8 @@ class BatchedLlamaEngine(LlamaEngine):
         if prepared is None:
             return None
         tokens, params, room, grammar = prepared
-        emit({"t": "start", "id": rid, "prompt_tokens": len(tokens)})
+        emit({"t": "start", "id": rid, "prompt_tokens": len(tokens),
+              "thinking": msg.get("_thinking", False)})
         max_tokens = min(int(params.get("max_tokens") or room), room)
         return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, sampler=self._sampler(params, grammar),
                     out=self.output(rid, len(tokens), params, max_tokens, emit))

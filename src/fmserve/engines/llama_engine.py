@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from fmserve.engines.reasoning import think_prompt
 from fmserve.engines.textstream import TokenOutput
 
 Emit = Callable[[dict[str, Any]], None]
@@ -64,6 +65,7 @@ class LlamaEngine:
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self.model_name = meta.get("general.name") or os.path.basename(path)
         self.threads = threads
+        self.reasoning = bool(template and "<think>" in template)
         self._grammars: dict[str, Any] = {}
 
     def info(self) -> dict[str, Any]:
@@ -73,6 +75,8 @@ class LlamaEngine:
             "n_ctx": self.n_ctx,
             "n_threads": self.threads,
             "chat_template": self.formatter is not None,
+            # A template that emits <think> sections: answers carry reasoning blocks.
+            "reasoning": self.reasoning,
         }
 
     # -- requests -------------------------------------------------------------
@@ -83,7 +87,8 @@ class LlamaEngine:
         if prepared is None:
             return
         tokens, params, room, grammar = prepared
-        emit({"t": "start", "id": msg["id"], "prompt_tokens": len(tokens)})
+        emit({"t": "start", "id": msg["id"], "prompt_tokens": len(tokens),
+              "thinking": msg.get("_thinking", False)})
         self._generate(msg["id"], tokens, params, room, emit, cancelled, grammar)
 
     def prepare(self, msg: dict[str, Any],
@@ -150,6 +155,7 @@ class LlamaEngine:
                 text = self.formatter(messages=msg["messages"]).prompt
             except Exception as exc:  # jinja errors, raise_exception() in templates
                 raise ValueError(f"The chat template rejected the messages: {exc}") from exc
+            text, msg["_thinking"] = think_prompt(text, msg.get("params") or {})
             return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
         prompt = msg.get("prompt") or ""
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=self.add_bos, special=False)

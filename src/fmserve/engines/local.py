@@ -15,6 +15,7 @@ import numpy as np
 
 from fmserve.backends import Backend, Capabilities, EmbeddingResult
 from fmserve.engines.pool import WorkerPool
+from fmserve.engines.reasoning import local_budget, reasoned_chat, reasoned_stream
 from fmserve.engines.structured import ToolPlan, render_history, response_grammar
 from fmserve.engines.supervisor import WorkerRequest
 from fmserve.errors import InvalidParameterValue
@@ -73,8 +74,6 @@ class _Choice:
 class LlamaBackend(Backend):
     """Chat and completions on a llama.cpp worker (GGUF, chat template from the file)."""
 
-    capabilities = Capabilities(chat=True, completions=True, tools=True, json_schema=True)
-
     def __init__(self, name: str, worker: WorkerPool) -> None:
         self.name = name
         self.worker = worker
@@ -82,8 +81,28 @@ class LlamaBackend(Backend):
     def ready(self) -> bool:
         return self.worker.state == "ready"
 
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """Reasoning only for models whose chat template emits ``<think>`` sections."""
+        return Capabilities(chat=True, completions=True, tools=True, json_schema=True,
+                            reasoning=bool(self.worker.info.get("reasoning")))
+
     def describe(self) -> dict[str, Any]:
         return dict(self.worker.info)
+
+    def _reasoning(self, req: ChatCompletionRequest, plan: ToolPlan,
+                   ops: list[dict[str, Any]]) -> int | None | bool:
+        """For a reasoning model: adjust ``ops`` and return the thinking budget (None =
+        unlimited); False when the model does not reason or thinking is skipped."""
+        if not self.worker.info.get("reasoning"):
+            return False
+        allowed, budget = local_budget(req)
+        constrained = plan.active or response_grammar(req.response_format) is not None
+        if constrained or not allowed:
+            for op in ops:
+                op["params"] = {**op["params"], "no_think": True}
+            return False
+        return budget
 
     # -- request → worker ops ------------------------------------------------
     def _chat_messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -101,7 +120,7 @@ class LlamaBackend(Backend):
 
     @staticmethod
     def _plan(req: ChatCompletionRequest) -> ToolPlan:
-        parallel = (req.model_extra or {}).get("parallel_tool_calls") is not False
+        parallel = req.parallel_tool_calls is not False
         return ToolPlan(req.tools, req.tool_choice, parallel=parallel)
 
     async def _submit(self, ops: list[dict[str, Any]]) -> list[_Choice]:
@@ -159,7 +178,11 @@ class LlamaBackend(Backend):
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         plan = self._plan(req)
-        choices = await self._submit(self._chat_ops(req, plan))
+        ops = self._chat_ops(req, plan)
+        budget = self._reasoning(req, plan, ops)
+        if budget is not False:
+            return await reasoned_chat(self.worker.submit, ops, budget or None)
+        choices = await self._submit(ops)
         await self._run_all(choices)
         out = []
         for c in choices:
@@ -192,7 +215,11 @@ class LlamaBackend(Backend):
 
     def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
         plan = self._plan(req)
-        return self._stream(self._chat_ops(req, plan), req.n, chat=True, plan=plan)
+        ops = self._chat_ops(req, plan)
+        budget = self._reasoning(req, plan, ops)
+        if budget is not False:
+            return reasoned_stream(self.worker.submit, ops, budget or None)
+        return self._stream(ops, req.n, chat=True, plan=plan)
 
     def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         return self._stream(self._completion_ops(req), req.n, chat=False)

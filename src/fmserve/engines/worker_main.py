@@ -70,6 +70,10 @@ def load_engine(spec: dict[str, Any]) -> Any:
         from fmserve.engines.llama_engine import LlamaEngine
 
         return LlamaEngine(spec)
+    if kind == "scripted":
+        from fmserve.engines.scripted import ScriptedEngine
+
+        return ScriptedEngine(spec)
     if kind == "sentence_transformers":
         from fmserve.engines.embed_engine import EmbeddingEngine
 
