@@ -169,6 +169,18 @@ def test_parallel_calls_and_tool_result_turn(client: openai.OpenAI, ep: str,
         {"type": "tool_result", "tool_use_id": calls[1].id, "content": "noon"}]}
 
 
+def test_foreign_tool_call_ids_mapped_consistently(client: openai.OpenAI, ep: str,
+                                                   ant: FakeServer) -> None:
+    history = [*user("weather?"), {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "fc:1.a", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "fc:1.a", "content": "rain"}]
+    assert chat(client, ep, history, tools=[WEATHER]).choices[0].message.content == \
+        "Tool said: rain"
+    msgs = sent(ant)["messages"]
+    assert msgs[1]["content"][0]["id"] == msgs[2]["content"][0]["tool_use_id"] == "fc_1_a"
+
+
 def test_thinking_answer_and_signed_replay(client: openai.OpenAI, ep: str,
                                            ant: FakeServer) -> None:
     r = chat(client, ep, user("why is the sky blue"), extra_body=THINK)

@@ -52,7 +52,8 @@ class Rejected(Exception):
 
 def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None
           ) -> JSONResponse:
-    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": message},
+                         "request_id": "req_011CfakeAnthropic"},
                         status_code=status, headers=headers)
 
 

@@ -97,9 +97,9 @@ STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "leng
                 "tool_use": "tool_calls", "pause_turn": "stop", "refusal": "content_filter"}
 # Anthropic error type → HTTP status (for errors inside a stream).
 ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
-                "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
-                "rate_limit_error": 429, "api_error": 500, "overloaded_error": 529,
-                "timeout_error": 504}
+                "billing_error": 402, "permission_error": 403, "not_found_error": 404,
+                "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                "overloaded_error": 529, "timeout_error": 504}
 _ID_BAD = re.compile(r"[^a-zA-Z0-9_-]")
 
 
