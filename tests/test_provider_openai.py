@@ -373,7 +373,8 @@ def dbx(gateway: Server, fake: FakeServer) -> str:
     create_external(gateway, "openai-dbx", {
         "provider": "databricks-model-serving", "name": "databricks-claude-sonnet",
         "task": "llm/v1/chat", "databricks_model_serving_config": {
-            "databricks_workspace_url": fake.url, "databricks_api_token_plaintext": "dapi-remote-1"}})
+            "databricks_workspace_url": fake.url,
+            "databricks_api_token_plaintext": "dapi-remote-1"}})
     return "openai-dbx"
 
 

@@ -53,7 +53,7 @@ import numpy as np
 import orjson
 
 from fmserve.backends import EmbeddingResult
-from fmserve.errors import BadGateway, FmserveError
+from fmserve.errors import BadGateway
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.management import ExternalModelInput
@@ -63,7 +63,14 @@ from fmserve.providers.base import (
     ExternalBackend,
     ProviderContext,
     provider_error,
-    sse_events,
+)
+from fmserve.providers.openai_stream import (
+    chat_chunks,
+    completion_chunks,
+    message_text,
+    normalise_message,
+    openai_usage,
+    strip_head,
 )
 
 OPENAI_BASE = "https://api.openai.com/v1"
@@ -75,7 +82,6 @@ _OPENAI_PARAMS = frozenset({"seed", "frequency_penalty", "presence_penalty", "lo
                             "logprobs", "top_logprobs", "user", "service_tier", "store",
                             "metadata", "prediction", "modalities", "verbosity", "dimensions"})
 _INTERNAL = ("extra_params", "client_request_id", "usage_context")
-_HEAD = ("id", "model", "created", "system_fingerprint", "service_tier", "obfuscation")
 # "thinking" budget → OpenAI reasoning_effort
 _EFFORTS = ((1024, "low"), (4096, "medium"))
 
@@ -85,109 +91,6 @@ def _effort(budget: int | None) -> str:
         if budget is not None and budget <= limit:
             return effort
     return "high"
-
-
-def _strip_head(body: Body) -> Body:
-    for k in _HEAD:
-        body.pop(k, None)
-    return body
-
-
-def _usage(u: dict[str, Any] | None) -> dict[str, Any]:
-    """OpenAI usage with ``reasoning_tokens`` lifted from ``completion_tokens_details``."""
-    if not u:
-        return common.usage(0, 0)
-    details = u.get("completion_tokens_details")
-    if isinstance(details, dict) and details.get("reasoning_tokens") and \
-            "reasoning_tokens" not in u:
-        u["reasoning_tokens"] = details["reasoning_tokens"]
-    if "total_tokens" not in u:
-        u["total_tokens"] = u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)
-    return u
-
-
-def _message_text(msg: dict[str, Any]) -> str:
-    content = msg.get("content")
-    if isinstance(content, str):
-        return content
-    return "".join(b.get("text", "") for b in content or []
-                   if isinstance(b, dict) and b.get("type") == "text")
-
-
-def _normalise_message(msg: dict[str, Any]) -> None:
-    """vLLM/DeepSeek ``reasoning_content`` → reasoning block; drop null extras."""
-    for k in ("refusal", "function_call", "audio", "reasoning"):
-        if k in msg and not msg[k]:
-            del msg[k]
-    rc = msg.pop("reasoning_content", None)
-    if rc:
-        text = msg.get("content")
-        blocks: list[Any] = [common.reasoning_item(rc)]
-        if isinstance(text, str) and text:
-            blocks.append({"type": "text", "text": text})
-        elif isinstance(text, list):
-            blocks.extend(text)
-        msg["content"] = blocks
-    if msg.get("tool_calls") and msg.get("content") == "":
-        msg["content"] = None
-
-
-def stream_error(provider: str, data: Body) -> FmserveError:
-    """The mapped error for an ``{"error": {...}}`` event inside a stream."""
-    err = data.get("error")
-    kind = str(err.get("type") or err.get("code") or "") if isinstance(err, dict) else ""
-    status = 502
-    for word, code in (("rate_limit", 429), ("invalid", 400), ("auth", 401),
-                       ("permission", 403), ("overloaded", 503), ("timeout", 504)):
-        if word in kind:
-            status = code
-            break
-    return provider_error(provider, status, orjson.dumps(data))
-
-
-class _Stream:
-    """Per-stream state: role per choice, tool-call indexes, usage, text for validation."""
-
-    def __init__(self, check_text: bool) -> None:
-        self.roles: set[int] = set()
-        self.calls: dict[tuple[int, Any], int] = {}
-        self.pending_args: dict[tuple[int, Any], dict[str, Any]] = {}
-        self.usage: dict[str, Any] | None = None
-        self.deltas = 0
-        self.texts: dict[int, str] | None = {} if check_text else None
-
-    def current_usage(self) -> dict[str, Any]:
-        if self.usage is not None:
-            return self.usage
-        return common.usage(0, self.deltas)
-
-    def tool_deltas(self, ci: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        per_choice = [k for k in self.calls if k[0] == ci]
-        for tc in calls:
-            key = (ci, tc.get("index", tc.get("id")))
-            fn = dict(tc.get("function") or {})
-            args = fn.get("arguments") or ""
-            if key not in self.calls:
-                self.calls[key] = len(per_choice)
-                per_choice.append(key)
-                placeholder = args == "{}"  # sent only if no real arguments follow
-                if placeholder:
-                    self.pending_args[key] = {"index": self.calls[key],
-                                              "function": {"arguments": "{}"}}
-                out.append({"index": self.calls[key],
-                            "id": tc.get("id") or common.new_call_id(), "type": "function",
-                            "function": {"name": fn.get("name") or "",
-                                         "arguments": "" if placeholder else args}})
-                continue
-            self.pending_args.pop(key, None)
-            if args:
-                out.append({"index": self.calls[key], "function": {"arguments": args}})
-        return out
-
-    def flush_args(self, ci: int) -> list[dict[str, Any]]:
-        keys = [k for k in self.pending_args if k[0] == ci]
-        return [self.pending_args.pop(k) for k in keys]
 
 
 class OpenAICompatBackend(ExternalBackend):
@@ -277,15 +180,15 @@ class OpenAICompatBackend(ExternalBackend):
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
             raise BadGateway(f"{self.provider} answered without choices: "
                              f"{self.scrub(str(answer)[:200])}")
-        _strip_head(answer)
+        strip_head(answer)
         answer["object"] = "chat.completion"
         check = req.response_format and req.response_format.get("type") != "text"
         for choice in answer["choices"]:
             msg = choice.get("message") or {}
-            _normalise_message(msg)
+            normalise_message(msg)
             if check and choice.get("finish_reason") != "tool_calls" and not msg.get("tool_calls"):
-                common.check_structured(_message_text(msg), req)
-        answer["usage"] = _usage(answer.get("usage"))
+                common.check_structured(message_text(msg), req)
+        answer["usage"] = openai_usage(answer.get("usage"))
         return answer
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Body]:
@@ -298,73 +201,9 @@ class OpenAICompatBackend(ExternalBackend):
         body = await self.to_openai(req, stream=True)
         resp = await self.open_stream(self.url("chat/completions"), body,
                                       await self.auth_headers())
-        async for chunk in self.guard_stream(self._chat_chunks(resp, req), resp):
+        async for chunk in self.guard_stream(
+                chat_chunks(resp, req, self.provider, self.include_usage), resp):
             yield chunk
-
-    async def _chat_chunks(self, resp: Any, req: ChatCompletionRequest) -> AsyncIterator[Body]:
-        check = bool(req.response_format and req.response_format.get("type") != "text")
-        st = _Stream(check)
-        held: list[Body] = []  # finish chunks wait for the final usage chunk
-        async for _, data in sse_events(resp):
-            if data == "[DONE]":
-                for chunk in held:
-                    chunk["usage"] = st.current_usage()
-                    yield chunk
-                if st.texts:
-                    for text in st.texts.values():
-                        common.check_structured(text, req)
-                return
-            chunk = orjson.loads(data)
-            if "error" in chunk and not chunk.get("choices"):
-                raise stream_error(self.provider, chunk)
-            if chunk.get("usage"):
-                st.usage = _usage(chunk["usage"])
-            choices = chunk.get("choices") or []
-            if not choices:
-                if held:
-                    for h in held:
-                        h["usage"] = st.current_usage()
-                        yield h
-                    held = []
-                elif st.usage is not None:
-                    yield {"object": "chat.completion.chunk", "choices": [],
-                           "usage": st.usage}
-                continue
-            finished = False
-            for c in choices:
-                ci = c.get("index", 0)
-                delta = c.get("delta") or {}
-                c["delta"] = delta
-                if ci not in st.roles:
-                    st.roles.add(ci)
-                    delta.setdefault("role", "assistant")
-                rc = delta.pop("reasoning_content", None)
-                if rc:
-                    delta["content"] = [common.reasoning_item(rc)]
-                if delta.get("content"):
-                    st.deltas += 1
-                    if st.texts is not None and isinstance(delta["content"], str):
-                        st.texts[ci] = st.texts.get(ci, "") + delta["content"]
-                for k in ("refusal", "function_call", "reasoning"):
-                    if k in delta and not delta[k]:
-                        del delta[k]
-                if delta.get("tool_calls"):
-                    st.deltas += 1
-                    delta["tool_calls"] = st.tool_deltas(ci, delta["tool_calls"])
-                if c.get("finish_reason"):
-                    finished = True
-                    if st.pending_args:
-                        delta.setdefault("tool_calls", []).extend(st.flush_args(ci))
-                    if st.texts is not None and c["finish_reason"] == "tool_calls":
-                        st.texts.pop(ci, None)
-            _strip_head(chunk)
-            chunk["object"] = "chat.completion.chunk"
-            chunk["usage"] = st.current_usage()
-            if finished and self.include_usage and st.usage is None:
-                held.append(chunk)
-            else:
-                yield chunk
-        raise BadGateway(f"The stream from {self.provider} ended without 'data: [DONE]'.")
 
     # -- completions ---------------------------------------------------------------------
     def _completion_body(self, req: CompletionRequest, stream: bool) -> Body:
@@ -393,9 +232,9 @@ class OpenAICompatBackend(ExternalBackend):
                                       await self.auth_headers())
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
             raise BadGateway(f"{self.provider} answered without choices.")
-        _strip_head(answer)
+        strip_head(answer)
         answer["object"] = "text_completion"
-        answer["usage"] = _usage(answer.get("usage"))
+        answer["usage"] = openai_usage(answer.get("usage"))
         return answer
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[Body]:
@@ -405,27 +244,8 @@ class OpenAICompatBackend(ExternalBackend):
             return
         resp = await self.open_stream(self.url("completions"), self._completion_body(req, True),
                                       await self.auth_headers())
-        async for chunk in self.guard_stream(self._completion_chunks(resp), resp):
+        async for chunk in self.guard_stream(completion_chunks(resp, self.provider), resp):
             yield chunk
-
-    async def _completion_chunks(self, resp: Any) -> AsyncIterator[Body]:
-        st = _Stream(False)
-        async for _, data in sse_events(resp):
-            if data == "[DONE]":
-                return
-            chunk = orjson.loads(data)
-            if "error" in chunk and not chunk.get("choices"):
-                raise stream_error(self.provider, chunk)
-            if chunk.get("usage"):
-                st.usage = _usage(chunk["usage"])
-            if not chunk.get("choices") and st.usage is None:
-                continue
-            st.deltas += len(chunk.get("choices") or [])
-            _strip_head(chunk)
-            chunk["object"] = "text_completion"
-            chunk["usage"] = st.current_usage()
-            yield chunk
-        raise BadGateway(f"The stream from {self.provider} ended without 'data: [DONE]'.")
 
     # -- embeddings ------------------------------------------------------------------------
     async def embed(self, req: EmbeddingsRequest) -> EmbeddingResult:
