@@ -143,8 +143,9 @@ def provider_message(body: bytes | str) -> str:
         err = data.get("error")
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])
-        if isinstance(err, str):
-            return err
+        if isinstance(err, str):  # OAuth 2.0 token endpoints (RFC 6749 §5.2)
+            desc = data.get("error_description")
+            return f"{err}: {desc}" if isinstance(desc, str) and desc else err
         for key in ("message", "Message", "detail"):
             if isinstance(data.get(key), str):
                 return str(data[key])
