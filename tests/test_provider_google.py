@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from databricks.sdk import WorkspaceClient
 from PIL import Image
 
@@ -224,7 +226,7 @@ def test_thinking_reasoning_and_signature_sent_back(client: openai.OpenAI, fake:
     assert sent(fake)["generationConfig"] == {
         "maxOutputTokens": 4096, "thinkingConfig": {"thinkingBudget": 2048,
                                                     "includeThoughts": True}}
-    msg = r.choices[0].message.model_dump(exclude_none=True)
+    msg = r.choices[0].message.model_dump(exclude_none=True, warnings=False)
     [thought, text_sig, text] = msg["content"]
     assert thought["summary"][0]["text"] == "Thinking about: why"
     sig = text_sig["summary"][0]["signature"]
@@ -241,7 +243,8 @@ def test_thinking_reasoning_and_signature_sent_back(client: openai.OpenAI, fake:
 
 
 def _tool_turn(first: Any, result: str = "sunny") -> list[Any]:
-    msg = first.model_dump(exclude_none=True) if hasattr(first, "model_dump") else first
+    msg = (first.model_dump(exclude_none=True, warnings=False) if hasattr(first, "model_dump")
+           else first)
     return [user("weather in Oslo?"), msg] + [
         {"role": "tool", "tool_call_id": c["id"], "content": result} for c in msg["tool_calls"]]
 
@@ -262,7 +265,7 @@ def test_thought_signature_survives_tool_round_trip(client: openai.OpenAI, fake:
     call_part = [p for p in model_turn["parts"] if "functionCall" in p][0]
     assert call_part["thoughtSignature"].startswith("sig-")
     assert r2.choices[0].message.content is not None
-    assert "Tool said: sunny" in json.dumps(r2.choices[0].message.model_dump())
+    assert "Tool said: sunny" in json.dumps(r2.choices[0].message.model_dump(warnings=False))
     # 2. a client that keeps only role + tool_calls (reasoning content dropped)
     bare = {"role": "assistant", "tool_calls": [t.model_dump() for t in first.tool_calls]}
     client.chat.completions.create(model=ep, messages=_tool_turn(bare), tools=[WEATHER])
@@ -401,6 +404,21 @@ def test_vertex_bad_config_is_400(gateway: Server, fake: FakeServer) -> None:
                 "name": "google-vertex-bad", "config": {"served_entities": [
                     {"external_model": {**good, "google_cloud_vertex_ai_config": bad}}]}})
             assert r.status_code == 400 and needle in r.json()["message"], r.text
+
+
+def test_vertex_token_refused_is_401(gateway: Server, fake: FakeServer) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode()
+    em = fg.external_model(fake.url, provider="google-cloud-vertex-ai")
+    sa = {**json.loads(fg.service_account_json()), "private_key": pem}
+    em["google_cloud_vertex_ai_config"]["private_key_plaintext"] = json.dumps(sa)
+    create_external(gateway, "google-vertex-wrong-key", em)
+    with gateway.client() as http:
+        r = http.post("/serving-endpoints/chat/completions", json={
+            "model": "google-vertex-wrong-key", "messages": [user("hi")]})
+    assert r.status_code == 401 and "Invalid JWT Signature" in r.json()["message"], r.text
+    assert pem.splitlines()[1] not in r.text + gateway.log()
 
 
 # -- embeddings ------------------------------------------------------------------------------

@@ -129,8 +129,8 @@ def parse(body: dict[str, Any], state: State) -> Seen | str:
         for fd in t.get("functionDeclarations") or []:
             if "parameters" in fd and "parametersJsonSchema" in fd:
                 return "parameters and parametersJsonSchema are mutually exclusive."
-            seen.tools.append({"name": fd["name"],
-                               "parameters": fd.get("parametersJsonSchema") or fd.get("parameters")})
+            params = fd.get("parametersJsonSchema") or fd.get("parameters")
+            seen.tools.append({"name": fd["name"], "parameters": params})
     fcc = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
     allowed = fcc.get("allowedFunctionNames") or []
     seen.tool_choice = {"AUTO": "auto", "NONE": "none", "ANY": allowed[0] if len(allowed) == 1
@@ -156,6 +156,8 @@ def answer_parts(seen: Seen, reply: Any, state: State) -> tuple[list[dict[str, A
             out[0]["thoughtSignature"] = reply.signature
     if not reply.tool_calls:
         out.append({"text": reply.text})
+        if reply.signature:  # no call: the text part carries it
+            out[0]["thoughtSignature"] = reply.signature
     if reply.signature:
         state.issued.add(reply.signature)
         if names:
