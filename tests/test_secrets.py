@@ -70,7 +70,8 @@ def test_sdk_scopes_and_secrets(ws: WorkspaceClient) -> None:
     time.sleep(0.01)
     ws.secrets.put_secret(scope, "api-key", string_value="rotated-value")  # overwrite
     again = {m.key: m for m in ws.secrets.list_secrets(scope)}
-    assert again["api-key"].last_updated_timestamp >= listed["api-key"].last_updated_timestamp
+    assert (again["api-key"].last_updated_timestamp or 0) >= (
+        listed["api-key"].last_updated_timestamp or 0) > 0
 
     ws.secrets.delete_secret(scope, "blob")
     assert [m.key for m in ws.secrets.list_secrets(scope)] == ["api-key"]
@@ -387,4 +388,29 @@ def test_rotated_secret_is_used(gateway: Server, ws: WorkspaceClient,
         assert time.monotonic() - start < 8
         c.delete(f"/api/2.0/serving-endpoints/{name}")
     _assert_nowhere(gateway, new, name)
+    ws.secrets.delete_scope(scope)
+
+
+def test_rotated_secret_used_after_config_update(gateway: Server, ws: WorkspaceClient,
+                                                 upstream: FakeServer) -> None:
+    scope, old, new = f"rotu-{_uid()}", f"sk-old-{_uid()}", f"sk-new-{_uid()}"
+    ws.secrets.create_scope(scope)
+    ws.secrets.put_secret(scope, "k", string_value=old)
+    name = f"secrets-rotu-{_uid()}"
+    model = _ref_model(upstream, f"{{{{secrets/{scope}/k}}}}")
+    create_external(gateway, name, model)
+    resolved_at = time.monotonic()
+    with gateway.client() as c:
+        assert _chat(c, name).status_code == 200
+        assert _bearer(upstream) == f"Bearer {old}"
+        ws.secrets.put_secret(scope, "k", string_value=new)
+        time.sleep(max(0.0, 5.2 - (time.monotonic() - resolved_at)))  # the resolver cache
+        r = c.put(f"/api/2.0/serving-endpoints/{name}/config",
+                  json={"served_entities": [{"external_model": model}]})
+        assert r.status_code == 200, r.text
+        wait_for(lambda: c.get(f"/api/2.0/serving-endpoints/{name}").json()["state"]
+                 ["config_update"] == "NOT_UPDATING", timeout_s=30, what="update done")
+        assert _chat(c, name).status_code == 200
+        assert _bearer(upstream) == f"Bearer {new}"
+        c.delete(f"/api/2.0/serving-endpoints/{name}")
     ws.secrets.delete_scope(scope)
