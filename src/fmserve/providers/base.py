@@ -129,6 +129,23 @@ def _retry_after(headers: Any, default: int = 1) -> int:
     return default
 
 
+def _retry_delay(body: bytes | str) -> int | None:
+    """Seconds of a Google ``RetryInfo`` error detail (``"retryDelay": "37s"``), if any."""
+    try:
+        data = json.loads(body)
+    except (ValueError, TypeError):
+        return None
+    data = data[0] if isinstance(data, list) and data else data
+    err = data.get("error") if isinstance(data, dict) else None
+    for d in (err.get("details") or []) if isinstance(err, dict) else []:
+        if isinstance(d, dict) and str(d.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            try:
+                return max(1, int(float(str(d.get("retryDelay")).rstrip("s")) + 0.999))
+            except ValueError:
+                return None
+    return None
+
+
 def provider_message(body: bytes | str) -> str:
     """The human message inside a provider's error body (OpenAI, Anthropic, Google,
     Bedrock, Cohere and Databricks shapes), else the body text (truncated to 1000 chars)."""
@@ -157,7 +174,8 @@ def provider_error(provider: str, status: int, body: bytes | str,
     """The Databricks error for a provider's HTTP error answer (message kept)."""
     msg = f"{provider} returned HTTP {status}: {provider_message(body)}"
     if status == 429:
-        return RequestLimitExceeded(msg, retry_after=_retry_after(headers))
+        return RequestLimitExceeded(msg, retry_after=_retry_after(headers,
+                                                                  _retry_delay(body) or 1))
     if status == 401:
         return Unauthenticated(msg)
     if status == 403:
