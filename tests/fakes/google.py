@@ -10,8 +10,9 @@
 Like Gemini 3, it answers 400 when a ``model`` turn replays a ``functionCall`` without
 the ``thoughtSignature`` it issued for it (and for any signature it never issued), so
 tests prove signatures survive round trips. Errors use Google's body
-``{"error": {"code", "message", "status"}}``; 429 is ``RESOURCE_EXHAUSTED`` with
-``Retry-After``.
+``{"error": {"code", "message", "status"}}``; 429 is ``RESOURCE_EXHAUSTED`` with a
+``google.rpc.RetryInfo`` detail (``retryDelay: "6.2s"``) and, as at Google, no
+``Retry-After`` header.
 """
 
 from __future__ import annotations
@@ -67,10 +68,13 @@ def external_model(url: str, task: str = "llm/v1/chat", name: str = "gemini-2.5-
                 "vertex_ai_api_base": url, "vertex_ai_token_url": f"{url}/token"}}
 
 
-def error(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message,
-                                   "status": STATUS.get(code, "UNKNOWN")}}, code,
-                        headers=headers)
+def error(code: int, message: str, details: list[Any] | None = None) -> JSONResponse:
+    """Google's error body; a 429 says when to retry in a ``RetryInfo`` detail (no header)."""
+    err: dict[str, Any] = {"code": code, "message": message,
+                           "status": STATUS.get(code, "UNKNOWN")}
+    if details:
+        err["details"] = details
+    return JSONResponse({"error": err}, code)
 
 
 @dataclass
@@ -213,8 +217,8 @@ def fake() -> FakeServer:
         if reply.fail in ("400", "401", "500"):
             return error(int(reply.fail), f"Injected failure {reply.fail}.")
         if reply.fail == "429":
-            return error(429, "Resource has been exhausted (e.g. check quota).",
-                         {"retry-after": "7"})
+            return error(429, "Resource has been exhausted (e.g. check quota).", details=[
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "6.2s"}])
         include = bool((body.get("generationConfig") or {}).get("thinkingConfig", {})
                        .get("includeThoughts"))
         thoughts, parts = answer_parts(seen, reply, state)
