@@ -14,10 +14,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
-from tests.conftest import Server, create_external
-from tests.fakes import openai as fake_openai
-from tests.fakes.server import FakeServer
+from conftest import Server, create_external
+from fakes import openai as fake_openai
+from fakes.server import FakeServer
 
 KEY = fake_openai.API_KEY
 WEATHER = {"type": "function", "function": {
@@ -526,3 +525,21 @@ def test_keys_never_shown(gateway: Server, ep: str, dbx: str) -> None:
     for text in texts:
         for s in secrets:
             assert s not in text
+
+
+def test_tool_delta_placeholder_and_ids() -> None:
+    from fmserve.providers.openai_stream import _Stream
+
+    st = _Stream(False)
+    first = st.tool_deltas(0, [{"index": 0, "id": "c1", "type": "function",
+                                "function": {"name": "f", "arguments": "{}"}}])
+    assert first == [{"index": 0, "id": "c1", "type": "function",
+                      "function": {"name": "f", "arguments": ""}}]
+    assert st.tool_deltas(0, [{"index": 0, "function": {"arguments": '{"a": 1}'}}]) == [
+        {"index": 0, "function": {"arguments": '{"a": 1}'}}]
+    assert st.flush_args(0) == []  # real arguments followed: the placeholder is dropped
+    st.tool_deltas(0, [{"index": 1, "id": "c2", "function": {"name": "g", "arguments": "{}"}}])
+    assert st.flush_args(0) == [{"index": 1, "function": {"arguments": "{}"}}]
+    # a server that omits index/id still gets a stable index and a generated id
+    out = st.tool_deltas(1, [{"function": {"name": "h", "arguments": ""}}])
+    assert out[0]["index"] == 0 and out[0]["id"].startswith("call_")

@@ -35,8 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.fakes.brain import Reply, Seen, pieces, think
-from tests.fakes.server import FakeServer, sleep_forever
+from fakes.brain import Reply, Seen, pieces, think
+from fakes.server import FakeServer, sleep_forever
 
 API_KEY = "sk-fake-openai-key-0123456789"
 EFFORTS = {"minimal": 1024, "low": 1024, "medium": 4096, "high": 16384}
