@@ -1,9 +1,10 @@
-"""External models on ``google`` (Gemini API key) and ``google-cloud-vertex-ai`` (service-account
-OAuth), against the fake in ``tests/fakes/google.py``.
+"""External models on ``google`` (the Gemini API with an API key), against the fake in
+``tests/fakes/google.py``; Vertex AI auth, embeddings and the pure translation functions
+are in ``test_provider_google_vertex.py``.
 
 Every test asserts the exact request fmserve sent upstream and drives the gateway with the
-real ``openai`` client (databricks-sdk for Vertex embeddings). The fake rejects replayed
-function calls that lost their thought signature, as Gemini 3 does.
+real ``openai`` client. The fake rejects replayed function calls that lost their thought
+signature, as Gemini 3 does.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from databricks.sdk import WorkspaceClient
 from PIL import Image
 
 from tests.conftest import Server, create_external
@@ -52,13 +50,6 @@ def fake() -> Iterator[FakeServer]:
 def ep(gateway: Server, fake: FakeServer) -> str:
     create_external(gateway, "google-chat", fg.external_model(fake.url))
     return "google-chat"
-
-
-@pytest.fixture(scope="module")
-def vx(gateway: Server, fake: FakeServer) -> str:
-    create_external(gateway, "google-vertex-chat",
-                    fg.external_model(fake.url, provider="google-cloud-vertex-ai"))
-    return "google-vertex-chat"
 
 
 @pytest.fixture(scope="module")
@@ -367,94 +358,3 @@ def test_openai_client_error_classes_and_stream_reset(client: openai.OpenAI, gat
     assert lines[-1] == "data: [DONE]"
     err = json.loads(lines[-2][6:])
     assert err["error_code"] == "BAD_GATEWAY" and "broke" in err["message"], err
-
-
-# -- Vertex AI -------------------------------------------------------------------------------
-def test_vertex_token_once_then_bearer(client: openai.OpenAI, fake: FakeServer, vx: str) -> None:
-    before = fake.state.token_requests  # type: ignore[attr-defined]
-    for text in ("one", "two"):
-        r = client.chat.completions.create(model=vx, messages=[user(text)])
-        assert r.choices[0].message.content == f"Echo: {text} [system: ] [turns: 1] [images: 0]"
-    chunks = stream_all(client, model=vx, messages=[user("three")])
-    assert joined(chunks).startswith("Echo: three")
-    tokens = [q for q in fake.requests if q.path == "/token"]
-    assert fake.state.token_requests - before <= 1 and len(tokens) == 1  # type: ignore[attr-defined]
-    form = dict(x.split("=", 1) for x in tokens[0].body.decode().split("&"))
-    assert form["grant_type"] == "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"
-    claims = json.loads(base64.urlsafe_b64decode(form["assertion"].split(".")[1] + "=="))
-    assert claims["iss"] == fg.CLIENT_EMAIL and claims["aud"] == f"{fake.url}/token"
-    assert claims["exp"] - claims["iat"] == 3600 and claims["scope"] == fg.SCOPE
-    base = f"/v1/projects/{fg.PROJECT}/locations/{fg.REGION}/publishers/google/models/{MODEL}"
-    vertex = [q for q in fake.requests if q.path.startswith("/v1/projects/")][-3:]
-    assert [q.path for q in vertex] == [f"{base}:generateContent"] * 2 + [
-        f"{base}:streamGenerateContent"]
-    assert vertex[2].query == {"alt": "sse"}
-    issued = {f"Bearer {t}" for t in fake.state.tokens}  # type: ignore[attr-defined]
-    assert len(issued) == 1 and {q.headers["authorization"] for q in vertex} == issued
-    assert all("x-goog-api-key" not in q.headers for q in vertex)
-
-
-def test_vertex_bad_config_is_400(gateway: Server, fake: FakeServer) -> None:
-    good = fg.external_model(fake.url, provider="google-cloud-vertex-ai")
-    cfg = good["google_cloud_vertex_ai_config"]
-    with gateway.client() as http:
-        for bad, needle in (({**cfg, "private_key_plaintext": "not json"}, "service-account"),
-                            ({k: v for k, v in cfg.items() if k != "region"}, "region")):
-            r = http.post("/api/2.0/serving-endpoints", json={
-                "name": "google-vertex-bad", "config": {"served_entities": [
-                    {"external_model": {**good, "google_cloud_vertex_ai_config": bad}}]}})
-            assert r.status_code == 400 and needle in r.json()["message"], r.text
-
-
-def test_vertex_token_refused_is_401(gateway: Server, fake: FakeServer) -> None:
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()).decode()
-    em = fg.external_model(fake.url, provider="google-cloud-vertex-ai")
-    sa = {**json.loads(fg.service_account_json()), "private_key": pem}
-    em["google_cloud_vertex_ai_config"]["private_key_plaintext"] = json.dumps(sa)
-    create_external(gateway, "google-vertex-wrong-key", em)
-    with gateway.client() as http:
-        r = http.post("/serving-endpoints/chat/completions", json={
-            "model": "google-vertex-wrong-key", "messages": [user("hi")]})
-    assert r.status_code == 401 and "Invalid JWT Signature" in r.json()["message"], r.text
-    assert pem.splitlines()[1] not in r.text + gateway.log()
-
-
-# -- embeddings ------------------------------------------------------------------------------
-def test_gemini_embeddings(client: openai.OpenAI, gateway: Server, fake: FakeServer) -> None:
-    create_external(gateway, "google-embed", fg.external_model(
-        fake.url, task="llm/v1/embeddings", name="text-embedding-004"))
-    r = client.embeddings.create(model="google-embed", input=["a", "b"], dimensions=4)
-    rec = fake.last()
-    assert rec.path == "/v1beta/models/text-embedding-004:batchEmbedContents"
-    assert rec.json() == {"requests": [
-        {"model": "models/text-embedding-004", "outputDimensionality": 4,
-         "content": {"parts": [{"text": t}]}} for t in ("a", "b")]}
-    assert [len(d.embedding) for d in r.data] == [4, 4] and r.data[0].embedding != \
-        r.data[1].embedding
-
-
-def test_vertex_embeddings_with_sdk(gateway: Server, fake: FakeServer) -> None:
-    create_external(gateway, "google-vertex-embed", fg.external_model(
-        fake.url, task="llm/v1/embeddings", name="text-embedding-005",
-        provider="google-cloud-vertex-ai"))
-    ws = WorkspaceClient(host=gateway.url, token=gateway.token)
-    r = ws.serving_endpoints.query(name="google-vertex-embed", input=["hello", "world"])
-    rec = fake.last()
-    assert rec.path.endswith("/models/text-embedding-005:predict")
-    assert rec.headers["authorization"].startswith("Bearer ya29.fake-")
-    assert rec.json() == {"instances": [{"content": "hello"}, {"content": "world"}]}
-    assert r.data and len(r.data) == 2 and len(r.data[0].embedding or []) == 8
-    assert r.usage is not None
-
-
-# -- secrets ---------------------------------------------------------------------------------
-def test_keys_never_exposed(gateway: Server, ep: str, vx: str) -> None:
-    pem_line = fg.PEM.splitlines()[1]
-    with gateway.client() as http:
-        texts = [http.get(f"/api/2.0/serving-endpoints/{n}").text for n in (ep, vx)]
-        texts.append(http.get("/api/2.0/serving-endpoints").text)
-    texts.append(gateway.log())
-    for t in texts:
-        assert fg.API_KEY not in t and pem_line not in t and "ya29.fake" not in t
