@@ -116,10 +116,12 @@ def test_system_prompt_multi_turn_and_n(client: openai.OpenAI, fake: FakeServer,
 def test_extra_params_merged_and_unknown_param_rejected(client: openai.OpenAI, fake: FakeServer,
                                                         ep: str) -> None:
     client.chat.completions.create(model=ep, messages=[user("x")], extra_body={
-        "top_k": 5, "extra_params": {"safetySettings": [{"category": "HARM_CATEGORY_HATE_SPEECH",
-                                                         "threshold": "BLOCK_NONE"}]}})
+        "top_k": 5, "extra_params": {
+            "safetySettings": [{"category": "HARM_CATEGORY_HATE_SPEECH",
+                                "threshold": "BLOCK_NONE"}],
+            "generationConfig": {"responseModalities": ["TEXT"]}}})
     assert sent(fake)["safetySettings"][0]["threshold"] == "BLOCK_NONE"
-    assert sent(fake)["generationConfig"] == {"topK": 5}
+    assert sent(fake)["generationConfig"] == {"topK": 5, "responseModalities": ["TEXT"]}
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.chat.completions.create(model=ep, messages=[user("x")], logit_bias={"1": 2})
 

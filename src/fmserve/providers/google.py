@@ -64,6 +64,7 @@ JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"
 TOKEN_LIFETIME_S = 3600
 REFRESH_MARGIN_S = 300
+EMBED_CONCURRENCY = 8  # embedding calls in flight per request
 
 
 def _b64url(data: bytes) -> str:
@@ -173,10 +174,11 @@ class GoogleBackend(ExternalBackend):
     batch_size: ClassVar[int] = 100
 
     async def embed(self, req: EmbeddingsRequest) -> EmbeddingResult:
-        """Embeddings in batches (concurrently), one float32 row per input.
+        """Embeddings in batches (at most :data:`EMBED_CONCURRENCY` calls at once), one
+        float32 row per input.
 
         Raises:
-            BadGateway: an answer without one vector per input.
+            BadGateway: an answer without one vector (all of one length) per input.
         """
         if not self.capabilities.embeddings:
             raise self._unsupported("Embeddings")
@@ -184,11 +186,17 @@ class GoogleBackend(ExternalBackend):
         texts = req.texts()
         size = self._batch_size()
         batches = [texts[i:i + size] for i in range(0, len(texts), size)]
-        results = await asyncio.gather(*(self._embed_batch(b, req) for b in batches))
+        gate = asyncio.Semaphore(EMBED_CONCURRENCY)
+
+        async def one(batch: list[str]) -> tuple[list[list[float]], int]:
+            async with gate:
+                return await self._embed_batch(batch, req)
+
+        results = await asyncio.gather(*(one(b) for b in batches))
         rows = [r for vectors, _ in results for r in vectors]
-        if len(rows) != len(texts):
-            raise BadGateway(f"{self.provider} answered {len(rows)} embeddings for "
-                             f"{len(texts)} inputs.")
+        if len(rows) != len(texts) or not rows[0] or len({len(r) for r in rows}) != 1:
+            raise BadGateway(f"{self.provider} answered {len(rows)} embeddings of lengths "
+                             f"{sorted({len(r) for r in rows})} for {len(texts)} inputs.")
         return EmbeddingResult(np.asarray(rows, dtype=np.float32),
                                sum(tokens for _, tokens in results))
 
@@ -226,7 +234,8 @@ class GeminiBackend(GoogleBackend):
         body.update(self.extra_params(req))
         answer = await self.post_json(self.url("batchEmbedContents"), body,
                                       await self.auth_headers())
-        vectors = [e.get("values") or [] for e in (answer.get("embeddings") or [])]
+        found = answer.get("embeddings") if isinstance(answer, dict) else None
+        vectors = [e.get("values") or [] for e in found or [] if isinstance(e, dict)]
         return vectors, sum(max(1, len(t) // 4) for t in texts)
 
 
@@ -316,8 +325,9 @@ class VertexBackend(GoogleBackend):
         body.update(self.extra_params(req))
         answer = await self.post_json(self.url("predict"), body, await self.auth_headers())
         vectors, tokens = [], 0
-        for p in answer.get("predictions") or []:
-            emb = p.get("embeddings") or {}
+        found = answer.get("predictions") if isinstance(answer, dict) else None
+        for p in found or []:
+            emb = (p.get("embeddings") if isinstance(p, dict) else None) or {}
             vectors.append(emb.get("values") or [])
             tokens += int((emb.get("statistics") or {}).get("token_count") or 0)
         return vectors, tokens

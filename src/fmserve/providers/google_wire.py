@@ -190,7 +190,9 @@ def generation_config(req: ChatCompletionRequest) -> Body:
 
 
 def request_body(req: ChatCompletionRequest, images: Images) -> Body:
-    """The ``generateContent`` body for ``req`` (``extra_params`` merged last).
+    """The ``generateContent`` body for ``req``; ``extra_params`` merged last (an object
+    such as ``generationConfig`` is merged into fmserve's, so ``{"generationConfig":
+    {"responseModalities": [...]}}`` keeps ``maxOutputTokens``).
 
     Raises:
         InvalidParameterValue: invalid tools, tool_choice, response_format, thinking or
@@ -211,7 +213,9 @@ def request_body(req: ChatCompletionRequest, images: Images) -> Body:
     cfg = generation_config(req)
     if cfg:
         body["generationConfig"] = cfg
-    body.update(req.extra_params or {})
+    for key, value in (req.extra_params or {}).items():  # objects merged one level deep
+        both = isinstance(value, dict) and isinstance(body.get(key), dict)
+        body[key] = {**body[key], **value} if both else value
     return body
 
 
@@ -262,7 +266,9 @@ def from_response(body: Body) -> tuple[common.Answer, dict[str, int]]:
     A prompt blocked by safety filters (``promptFeedback.blockReason``, no candidates)
     is an empty answer with ``finish_reason`` ``content_filter``.
     """
-    candidates = body.get("candidates") or []
+    if isinstance(body, list):  # Vertex sometimes wraps an answer in a list
+        body = body[0] if body else {}
+    candidates = (body.get("candidates") if isinstance(body, dict) else None) or []
     answer = common.Answer()
     if not candidates:
         answer.finish_reason = "content_filter" if (body.get("promptFeedback") or {}).get(
