@@ -25,12 +25,12 @@ from tests.fakes import google as fg
 from tests.fakes.server import FakeServer
 
 MODEL = "gemini-2.5-flash"
-WEATHER = {"type": "function", "function": {
+WEATHER: Any = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
                    "properties": {"city": {"type": "string"}}, "required": ["city"],
                    "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
+TIME: Any = {"type": "function", "function": {
     "name": "get_time", "description": "Local time",
     "parameters": {"type": "object", "properties": {"tz": {"type": "string"}},
                    "required": ["tz"]}}}
@@ -62,7 +62,7 @@ def sent(fake: FakeServer) -> dict[str, Any]:
     return fake.last().json()  # type: ignore[no-any-return]
 
 
-def user(text: str) -> dict[str, Any]:
+def user(text: str) -> Any:
     return {"role": "user", "content": text}
 
 
@@ -172,7 +172,7 @@ def test_parallel_tools_and_stream(client: openai.OpenAI, fake: FakeServer, ep: 
     msgs = [user("parallel weather and time")]
     r = client.chat.completions.create(model=ep, messages=msgs, tools=[WEATHER, TIME],
                                        parallel_tool_calls=True)  # type: ignore[list-item]
-    calls = r.choices[0].message.tool_calls or []
+    calls: Any = r.choices[0].message.tool_calls or []
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Paris"})]
     assert len({c.id for c in calls}) == 2
@@ -219,7 +219,7 @@ def test_thinking_reasoning_and_signature_sent_back(client: openai.OpenAI, fake:
     assert sent(fake)["generationConfig"] == {
         "maxOutputTokens": 4096, "thinkingConfig": {"thinkingBudget": 2048,
                                                     "includeThoughts": True}}
-    msg = r.choices[0].message.model_dump(exclude_none=True, warnings=False)
+    msg: Any = r.choices[0].message.model_dump(exclude_none=True, warnings=False)
     [thought, text_sig, text] = msg["content"]
     assert thought["summary"][0]["text"] == "Thinking about: why"
     sig = text_sig["summary"][0]["signature"]
@@ -260,12 +260,12 @@ def test_thought_signature_survives_tool_round_trip(client: openai.OpenAI, fake:
     assert r2.choices[0].message.content is not None
     assert "Tool said: sunny" in json.dumps(r2.choices[0].message.model_dump(warnings=False))
     # 2. a client that keeps only role + tool_calls (reasoning content dropped)
-    bare = {"role": "assistant", "tool_calls": [t.model_dump() for t in first.tool_calls]}
+    bare: Any = {"role": "assistant", "tool_calls": [t.model_dump() for t in first.tool_calls]}
     client.chat.completions.create(model=ep, messages=_tool_turn(bare), tools=[WEATHER])
     assert sent(fake)["contents"][1]["parts"][0]["thoughtSignature"] == \
         call_part["thoughtSignature"]
     # 3. control: a call id rewritten by the client loses the signature → Gemini's 400
-    lost = {"role": "assistant", "tool_calls": [{**bare["tool_calls"][0], "id": "call_x"}]}
+    lost: Any = {"role": "assistant", "tool_calls": [{**bare["tool_calls"][0], "id": "call_x"}]}
     with pytest.raises(openai.BadRequestError, match="missing a thought_signature"):
         client.chat.completions.create(model=ep, messages=_tool_turn(lost), tools=[WEATHER])
     assert issued.json()["generationConfig"]["thinkingConfig"]["includeThoughts"] is True
@@ -310,7 +310,7 @@ def test_image_inline_data(client: openai.OpenAI, fake: FakeServer, ep: str) -> 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
                                            "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
-RF = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}}
+RF: Any = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}}
 
 
 def test_json_schema(client: openai.OpenAI, fake: FakeServer, ep: str) -> None:

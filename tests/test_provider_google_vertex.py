@@ -50,7 +50,7 @@ def client(gateway: Server) -> openai.OpenAI:
                          max_retries=0)
 
 
-def user(text: str) -> dict[str, Any]:
+def user(text: str) -> Any:
     return {"role": "user", "content": text}
 
 
