@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from fmserve.errors import BadRequest, PayloadTooLarge
 from fmserve.gateway.auth import Principal
@@ -15,9 +16,15 @@ from fmserve.gateway.auth import Principal
 _DRAIN_LIMIT = 64 * 1024 * 1024
 
 
-def principal(request: Request) -> Principal:
-    """FastAPI dependency: the authenticated caller (401 otherwise)."""
-    return request.app.state.fm.auth.authenticate(request.headers.get("authorization"))
+async def principal(request: Request) -> Principal:
+    """FastAPI dependency: the authenticated caller (401 otherwise).
+
+    A cached token is answered on the event loop; only a cache miss (a database
+    lookup) goes to the thread pool.
+    """
+    auth = request.app.state.fm.auth
+    header = request.headers.get("authorization")
+    return auth.cached(header) or await run_in_threadpool(auth.authenticate, header)
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -28,12 +35,14 @@ async def read_json(request: Request) -> dict[str, Any]:
         BadRequest: 400 for malformed JSON or a non-object body.
     """
     limit = request.app.state.fm.config.max_body_bytes
-    too_large = PayloadTooLarge(
-        f"Request body exceeds the {limit // (1024 * 1024)} MB limit for foundation model "
-        "endpoints.")
+
+    def too_large() -> PayloadTooLarge:
+        return PayloadTooLarge(f"Request body exceeds the {limit // (1024 * 1024)} MB limit "
+                               "for foundation model endpoints.")
+
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > _DRAIN_LIMIT:
-        raise too_large
+        raise too_large()
     parts: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -43,7 +52,7 @@ async def read_json(request: Request) -> dict[str, Any]:
         elif size > _DRAIN_LIMIT:
             break
     if size > limit:
-        raise too_large
+        raise too_large()
     raw = b"".join(parts)
     try:
         body = orjson.loads(raw)
