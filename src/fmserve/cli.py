@@ -61,6 +61,8 @@ def serve(
     bundled: Annotated[bool, typer.Option(
         help="Serve the bundled pay-per-token models (--no-bundled: a gateway for external "
              "models and user endpoints only; no model is loaded).")] = True,
+    access_log: Annotated[bool, typer.Option(
+        help="Log one line per HTTP request (costs CPU on every request).")] = False,
 ) -> None:
     """Start the server with the bundled pay-per-token endpoints."""
     import uvicorn
@@ -82,7 +84,7 @@ def serve(
     console.print(f"Data dir: {cfg.data_dir}.  Loading models, then serving on "
                   f"http://{host}:{port} ...", highlight=False)
     uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level.lower(),
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, access_log=access_log)
 
 
 @tokens_app.command("create")
