@@ -116,4 +116,5 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app.include_router(manage_routes.router)
     app.include_router(query_routes.router)
     app.include_router(secrets_routes.router)
+    app.add_middleware(query_routes.FastQueryPath)
     return app
