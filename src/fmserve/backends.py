@@ -59,6 +59,9 @@ class Backend:
     def ready(self) -> bool:
         return True
 
+    def before_request(self) -> None:
+        """Called by the serving layer before each request (e.g. to pick up rotated secrets)."""
+
     def describe(self) -> dict[str, Any]:
         return {}
 

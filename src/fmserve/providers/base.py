@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -57,6 +58,18 @@ _ALWAYS = frozenset({
     "temperature", "top_p", "stop", "tools", "tool_choice", "response_format", "thinking",
     "reasoning_effort", "encoding_format", "parallel_tool_calls",
 })
+
+
+CREDENTIAL_RECHECK_S = 1.0
+
+
+def _secret_refs(obj: Any) -> list[str]:
+    """Every string in a provider config that holds a ``{{secrets/…}}`` reference."""
+    if isinstance(obj, dict):
+        return [r for v in obj.values() for r in _secret_refs(v)]
+    if isinstance(obj, list):
+        return [r for v in obj for r in _secret_refs(v)]
+    return [obj] if isinstance(obj, str) and "{{" in obj and "secrets/" in obj else []
 
 
 class HttpClient:
@@ -247,10 +260,24 @@ class ExternalBackend(Backend):
             tools=chat and f.tools, json_schema=chat and f.json_schema,
             vision=chat and f.vision, reasoning=chat and f.reasoning)
         self.check_config()
+        self._refs = _secret_refs(self.config)
+        self._ref_values = tuple(self.ctx.secret(r) for r in self._refs)
+        self._refs_checked = time.monotonic()
 
     # -- configuration -----------------------------------------------------------
     def check_config(self) -> None:
         """Validate ``self.config``; raise InvalidParameterValue (400) on a bad config."""
+
+    def before_request(self) -> None:
+        """Every ``CREDENTIAL_RECHECK_S``: if a referenced secret changed (``fmserve secrets
+        put``), rebuild the credentials (``check_config`` again). A deleted secret → 400."""
+        if not self._refs or time.monotonic() - self._refs_checked < CREDENTIAL_RECHECK_S:
+            return
+        self._refs_checked = time.monotonic()
+        values = tuple(self.ctx.secret(r) for r in self._refs)
+        if values != self._ref_values:
+            self._ref_values = values
+            self.check_config()
 
     def config_error(self, message: str) -> InvalidParameterValue:
         return InvalidParameterValue(f"served entity '{self.name}' ({self.provider}): {message}")

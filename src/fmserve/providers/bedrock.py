@@ -214,6 +214,7 @@ class BedrockBackend(ExternalBackend):
         yield w.start()
         kinds: dict[int, str] = {}
         stop: str | None = None
+        thought_chars = 0  # reasoning tokens are estimated (Converse reports none)
         async for event, payload in event_stream(resp):
             if event == "contentBlockStart":
                 tu = (payload.get("start") or {}).get("toolUse")
@@ -242,6 +243,8 @@ class BedrockBackend(ExternalBackend):
                     elif rc.get("signature"):
                         yield w.reasoning_delta("", rc["signature"])
                     elif rc.get("text"):
+                        thought_chars += len(rc["text"])
+                        w.reasoning_tokens = c.estimate_reasoning_tokens(thought_chars)
                         yield w.reasoning_delta(rc["text"])
             elif event == "messageStop":
                 stop = STOP_REASONS.get(payload.get("stopReason") or "", "stop")

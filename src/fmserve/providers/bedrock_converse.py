@@ -221,7 +221,9 @@ def from_converse(data: Body, structured: bool) -> tuple[c.Answer, dict[str, int
         reason = "stop"
     ans.finish_reason = reason
     u = data.get("usage") or {}
-    return ans, c.usage(int(u.get("inputTokens", 0)), int(u.get("outputTokens", 0)))
+    thought = sum(len(r.text) for r in ans.reasoning)
+    return ans, c.usage(int(u.get("inputTokens", 0)), int(u.get("outputTokens", 0)),
+                        c.estimate_reasoning_tokens(thought) or None)
 
 
 async def event_stream(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Body]]:

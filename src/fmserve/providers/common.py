@@ -256,6 +256,12 @@ def check_structured(text: str, req: ChatCompletionRequest) -> None:
                              f"at {path}: {err.message}")
 
 
+def estimate_reasoning_tokens(thinking_chars: int) -> int:
+    """Reasoning tokens estimated from thinking text (4 characters a token), for providers
+    (Anthropic, Bedrock Converse) that count thinking inside ``output_tokens`` only."""
+    return max(1, thinking_chars // 4) if thinking_chars else 0
+
+
 def usage(prompt: int, completion: int, reasoning: int | None = None) -> dict[str, int]:
     u = {"prompt_tokens": prompt, "completion_tokens": completion,
          "total_tokens": prompt + completion}

@@ -70,6 +70,7 @@ from fmserve.providers.openai_stream import (
     message_text,
     normalise_message,
     openai_usage,
+    reasoning_chars,
     strip_head,
 )
 
@@ -188,7 +189,12 @@ class OpenAICompatBackend(ExternalBackend):
             normalise_message(msg)
             if check and choice.get("finish_reason") != "tool_calls" and not msg.get("tool_calls"):
                 common.check_structured(message_text(msg), req)
-        answer["usage"] = openai_usage(answer.get("usage"))
+        answer["usage"] = u = openai_usage(answer.get("usage"))
+        if not u.get("reasoning_tokens"):
+            chars = sum(reasoning_chars(c["message"]["content"]) for c in answer["choices"]
+                        if isinstance((c.get("message") or {}).get("content"), list))
+            if chars:  # reasoning came back but was not counted: estimate it
+                u["reasoning_tokens"] = common.estimate_reasoning_tokens(chars)
         return answer
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Body]:
@@ -234,7 +240,12 @@ class OpenAICompatBackend(ExternalBackend):
             raise BadGateway(f"{self.provider} answered without choices.")
         strip_head(answer)
         answer["object"] = "text_completion"
-        answer["usage"] = openai_usage(answer.get("usage"))
+        answer["usage"] = u = openai_usage(answer.get("usage"))
+        if not u.get("reasoning_tokens"):
+            chars = sum(reasoning_chars(c["message"]["content"]) for c in answer["choices"]
+                        if isinstance((c.get("message") or {}).get("content"), list))
+            if chars:  # reasoning came back but was not counted: estimate it
+                u["reasoning_tokens"] = common.estimate_reasoning_tokens(chars)
         return answer
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[Body]:

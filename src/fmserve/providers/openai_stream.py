@@ -101,12 +101,16 @@ class _Stream:
         self.pending_args: dict[tuple[int, Any], dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
         self.deltas = 0
+        self.reasoning_chars = 0
         self.texts: dict[int, str] | None = {} if check_text else None
 
     def current_usage(self) -> dict[str, Any]:
-        if self.usage is not None:
-            return self.usage
-        return common.usage(0, self.deltas)
+        u = self.usage if self.usage is not None else common.usage(0, self.deltas)
+        if self.reasoning_chars and not u.get("reasoning_tokens"):
+            # The provider streamed reasoning but did not count it: estimate it.
+            u = {**u, "reasoning_tokens": common.estimate_reasoning_tokens(
+                self.reasoning_chars)}
+        return u
 
     def tool_deltas(self, ci: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -135,6 +139,13 @@ class _Stream:
     def flush_args(self, ci: int) -> list[dict[str, Any]]:
         keys = [k for k in self.pending_args if k[0] == ci]
         return [self.pending_args.pop(k) for k in keys]
+
+
+def reasoning_chars(content: list[Any]) -> int:
+    """Characters of reasoning summary text in a list ``content``."""
+    return sum(len(s.get("text") or "") for b in content
+               if isinstance(b, dict) and b.get("type") == "reasoning"
+               for s in b.get("summary") or [] if isinstance(s, dict))
 
 
 async def _events(resp: aiohttp.ClientResponse, provider: str) -> AsyncIterator[Body | None]:
@@ -168,6 +179,8 @@ def _delta(st: _Stream, c: dict[str, Any]) -> bool:
     if rc:
         delta["content"] = [common.reasoning_item(rc)]
     content = delta.get("content")
+    if isinstance(content, list):
+        st.reasoning_chars += reasoning_chars(content)
     if content:
         st.deltas += 1
         if st.texts is not None and isinstance(content, str):

@@ -118,6 +118,7 @@ class QueryService:
         last: FmserveError | None = None
         for entity in self._candidates(ep, served_model):
             try:
+                entity.backend.before_request()
                 out = await run(ep, entity, req)
                 return entity.name, out, getattr(req, "response_headers", {})
             except FmserveError as exc:
