@@ -173,3 +173,25 @@ def test_local_model_without_vision_is_a_400(http: httpx.Client) -> None:
             {"type": "image_url", "image_url": {"url": data_url(300, 300)}}]}]})
     assert r.status_code == 400, r.text
     assert "Image input is not supported" in r.json()["message"]
+
+
+def test_image_tokens_counted_when_the_provider_reports_no_usage(gateway: Server) -> None:
+    async def chat(request: Request) -> Response:  # an OpenAI-compatible server, no usage
+        return Response('{"id": "x", "object": "chat.completion", "created": 1, "model": "m",'
+                        ' "choices": [{"index": 0, "finish_reason": "stop", "message":'
+                        ' {"role": "assistant", "content": "a red square"}}]}',
+                        media_type="application/json")
+    with FakeServer([Route("/v1/chat/completions", chat, methods=["POST"])]) as upstream:
+        create_external(gateway, "img-nousage", {
+            "provider": "custom", "name": "local-vlm", "task": "llm/v1/chat",
+            "custom_provider_config": {"custom_provider_url": f"{upstream.url}/v1"}})
+        with gateway.client() as c:
+            r = c.post("/serving-endpoints/chat/completions", json={
+                "model": "img-nousage", "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": data_url(750, 750)}}]}]})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            assert usage["prompt_tokens"] == 750 * 750 // 750 + len("what is this?") // 4
+            assert usage["completion_tokens"] == len("a red square") // 4
+            c.delete("/api/2.0/serving-endpoints/img-nousage")

@@ -246,6 +246,7 @@ async def prepare_images(req: ChatCompletionRequest, backend: ExternalBackend) -
     for r in results:
         if isinstance(r, BaseException):
             raise r
+    req._image_tokens = images.tokens
     if images.warnings:
         req.response_headers[WARNING_HEADER] = " | ".join(images.warnings)[:1000]
     return images

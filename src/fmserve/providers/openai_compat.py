@@ -189,6 +189,9 @@ class OpenAICompatBackend(ExternalBackend):
             normalise_message(msg)
             if check and choice.get("finish_reason") != "tool_calls" and not msg.get("tool_calls"):
                 common.check_structured(message_text(msg), req)
+        if not answer.get("usage"):  # e.g. a local OpenAI-compatible server: estimate
+            text = "".join(message_text(c.get("message") or {}) for c in answer["choices"])
+            answer["usage"] = common.usage(req.estimated_prompt_tokens(), len(text) // 4)
         answer["usage"] = u = openai_usage(answer.get("usage"))
         if not u.get("reasoning_tokens"):
             chars = sum(reasoning_chars(c["message"]["content"]) for c in answer["choices"]
@@ -240,12 +243,11 @@ class OpenAICompatBackend(ExternalBackend):
             raise BadGateway(f"{self.provider} answered without choices.")
         strip_head(answer)
         answer["object"] = "text_completion"
-        answer["usage"] = u = openai_usage(answer.get("usage"))
-        if not u.get("reasoning_tokens"):
-            chars = sum(reasoning_chars(c["message"]["content"]) for c in answer["choices"]
-                        if isinstance((c.get("message") or {}).get("content"), list))
-            if chars:  # reasoning came back but was not counted: estimate it
-                u["reasoning_tokens"] = common.estimate_reasoning_tokens(chars)
+        if not answer.get("usage"):  # e.g. a local OpenAI-compatible server: estimate
+            text = "".join(str(c.get("text") or "") for c in answer["choices"])
+            answer["usage"] = common.usage(sum(len(p) for p in req.prompts()) // 4,
+                                           len(text) // 4)
+        answer["usage"] = openai_usage(answer.get("usage"))
         return answer
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[Body]:

@@ -102,10 +102,12 @@ class _Stream:
         self.usage: dict[str, Any] | None = None
         self.deltas = 0
         self.reasoning_chars = 0
+        self.prompt_estimate = 0  # used when the provider streams no usage
         self.texts: dict[int, str] | None = {} if check_text else None
 
     def current_usage(self) -> dict[str, Any]:
-        u = self.usage if self.usage is not None else common.usage(0, self.deltas)
+        u = self.usage if self.usage is not None else common.usage(self.prompt_estimate,
+                                                                   self.deltas)
         if self.reasoning_chars and not u.get("reasoning_tokens"):
             # The provider streamed reasoning but did not count it: estimate it.
             u = {**u, "reasoning_tokens": common.estimate_reasoning_tokens(
@@ -211,6 +213,7 @@ async def chat_chunks(resp: aiohttp.ClientResponse, req: ChatCompletionRequest, 
             an answer that breaks ``response_format``.
     """
     st = _Stream(bool(req.response_format and req.response_format.get("type") != "text"))
+    st.prompt_estimate = req.estimated_prompt_tokens()
     held: list[Body] = []  # finish chunks waiting for the final usage chunk
     async for chunk in _events(resp, provider):
         if chunk is None:
