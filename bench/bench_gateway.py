@@ -181,8 +181,10 @@ def _pkg_version(bindir: Path, pkg: str) -> str:
 
 
 def _env() -> dict[str, str]:
+    """The environment for the other gateways: no proxies, nothing of fmserve's venv."""
     env = {k: v for k, v in os.environ.items()
-           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "pythonpath",
+                                "pythonhome", "virtual_env")}
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     return env
 
@@ -198,7 +200,7 @@ def _stopper(proc: subprocess.Popen[bytes]) -> Callable[[], None]:
         if proc.poll() is not None:
             return
         try:
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -246,10 +248,16 @@ def start_fmserve(tmp: Path, upstream: str, install: bool) -> Gateway:
     except Exception:
         stop_server(srv)
         raise
+    def stop() -> None:
+        srv.proc.terminate()  # SIGINT is ignored when the benchmark runs in the background
+        try:
+            srv.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            stop_server(srv)
+
     from fmserve import __version__
     return Gateway("fmserve", "1", srv.url + "/serving-endpoints/chat/completions",
-                   srv.headers, _chat_body(name), srv.proc.pid, lambda: stop_server(srv),
-                   __version__)
+                   srv.headers, _chat_body(name), srv.proc.pid, stop, __version__)
 
 
 def start_litellm(tmp: Path, upstream: str, install: bool) -> Gateway:
