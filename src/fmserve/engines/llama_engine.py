@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from fmserve.engines.logprobs import LogprobReader
 from fmserve.engines.reasoning import think_prompt
 from fmserve.engines.textstream import TokenOutput
 
@@ -67,6 +68,14 @@ class LlamaEngine:
         self.threads = threads
         self.reasoning = bool(template and "<think>" in template)
         self._grammars: dict[str, Any] = {}
+        self.logprobs = LogprobReader(
+            self.llm.n_vocab(),
+            lambda row: llama_cpp.llama_get_logits_ith(self._decode_ctx(), row),
+            lambda tok: self.llm.detokenize([tok]))
+
+    def _decode_ctx(self) -> Any:
+        """The llama.cpp context whose logits the last decode wrote."""
+        return self.llm._ctx.ctx
 
     def info(self) -> dict[str, Any]:
         return {
@@ -173,6 +182,7 @@ class LlamaEngine:
             # enough to flip a greedy choice depending on the previous request.
             self.llm.reset()
         out = self.output(rid, len(tokens), params, max_tokens, emit)
+        top = params.get("logprobs")
         for tok in self.llm.generate(
             tokens,
             temp=DEFAULT_TEMPERATURE if temp is None else float(temp),
@@ -187,7 +197,9 @@ class LlamaEngine:
             if cancelled():
                 out.finish("cancelled")
                 break
-            if out.accept(tok):
+            # generate() yields right after sampling: logits row -1 produced ``tok``.
+            lp = None if top is None else self.logprobs.entry(-1, tok, int(top))
+            if out.accept(tok, lp):
                 break
         out.finish("length")  # the context ran out (no-op when already finished)
 

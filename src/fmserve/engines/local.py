@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fmserve.backends import Backend, Capabilities, EmbeddingResult
+from fmserve.engines.logprobs import MAX_TOP_LOGPROBS, completion_logprobs
 from fmserve.engines.pool import WorkerPool
 from fmserve.engines.reasoning import local_budget, reasoned_chat, reasoned_stream
 from fmserve.engines.structured import ToolPlan, render_history, response_grammar
@@ -27,9 +28,43 @@ _EXTRA_SAMPLING = {"top_k", "top_p", "seed", "temperature", "max_tokens", "stop"
                    "presence_penalty", "frequency_penalty", "repeat_penalty", "min_p"}
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """Usage in tokens; ``cached``: prompt tokens served from the prefix cache (reported
+    as OpenAI's ``prompt_tokens_details.cached_tokens`` when there are any)."""
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def logprobs_param(req: SamplingParams, chat: bool) -> int | None:
+    """How many alternatives per token the request wants (``None``: no logprobs).
+
+    Chat: ``logprobs`` (bool) and ``top_logprobs`` (0–20, needs ``logprobs: true``).
+    Completions (legacy API): ``logprobs`` is the number of alternatives (0–20).
+
+    Raises:
+        InvalidParameterValue: a value of the wrong type or out of range.
+    """
+    extra = req.model_extra or {}
+    want, top = extra.get("logprobs"), extra.get("top_logprobs")
+
+    def count(name: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise InvalidParameterValue(
+                f"'{name}' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {v!r}.")
+        return v
+
+    if not chat:
+        return None if want is None else count("logprobs", want)
+    if want is not None and not isinstance(want, bool):
+        raise InvalidParameterValue(f"'logprobs' must be a boolean, got {want!r}.")
+    if top is not None:
+        count("top_logprobs", top)
+        if not want:
+            raise InvalidParameterValue("'top_logprobs' requires 'logprobs' to be true.")
+    return (top or 0) if want else None
 
 
 def sampling_params(req: SamplingParams) -> dict[str, Any]:
@@ -67,8 +102,10 @@ class _Choice:
         self.req = req
         self.text: list[str] = []
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.logprobs: list[dict[str, Any]] = []  # entries (engines/logprobs.py)
 
 
 class LlamaBackend(Backend):
@@ -102,13 +139,14 @@ class LlamaBackend(Backend):
             for op in ops:
                 op["params"] = {**op["params"], "no_think": True}
             return False
+        if ops and ops[0]["params"].get("logprobs") is not None:
+            raise InvalidParameterValue(
+                f"'logprobs' is not available while '{self.name}' thinks; send "
+                "reasoning_effort 'none' (or thinking disabled) to get logprobs.")
         return budget
 
     # -- request → worker ops ------------------------------------------------
     def _chat_messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
-        if (req.model_extra or {}).get("logprobs"):
-            raise InvalidParameterValue(
-                f"'logprobs' is not supported by served entity '{self.name}'.")
         out = []
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
@@ -145,11 +183,17 @@ class LlamaBackend(Backend):
         grammar = plan.grammar() or fmt_grammar
         if grammar:
             params["grammar"] = grammar
+        top = logprobs_param(req, chat=True)
+        if top is not None:
+            params["logprobs"] = top
         return [{"op": "generate", "messages": messages, "params": _nth(params, j)}
                 for j in range(req.n)]
 
     def _completion_ops(self, req: CompletionRequest) -> list[dict[str, Any]]:
         params = sampling_params(req)
+        top = logprobs_param(req, chat=False)
+        if top is not None:
+            params["logprobs"] = top
         return [{"op": "generate", "prompt": p, "params": _nth(params, j)}
                 for p in req.prompts() for j in range(req.n)]
 
@@ -161,8 +205,10 @@ class LlamaBackend(Backend):
                     ev = await c.req.next()
                     if ev["t"] == "start":
                         c.prompt_tokens = ev["prompt_tokens"]
+                        c.cached_tokens = ev.get("cached_tokens", 0)
                     elif ev["t"] == "tok":
                         c.text.append(ev["text"])
+                        c.logprobs.extend(ev.get("lp") or ())
                     elif ev["t"] == "end":
                         c.completion_tokens = ev["completion_tokens"]
                         c.finish_reason = ev["finish_reason"]
@@ -172,9 +218,11 @@ class LlamaBackend(Backend):
                 c.req.close()
 
     @staticmethod
-    def _prompt_usage(choices: list[_Choice], n: int) -> int:
+    def _choices_usage(choices: list[_Choice], n: int) -> dict[str, Any]:
         # The prompt is counted once per distinct prompt, not once per choice.
-        return sum(c.prompt_tokens for c in choices[::n])
+        return _usage(sum(c.prompt_tokens for c in choices[::n]),
+                      sum(c.completion_tokens for c in choices),
+                      sum(c.cached_tokens for c in choices[::n]))
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         plan = self._plan(req)
@@ -182,6 +230,7 @@ class LlamaBackend(Backend):
         budget = self._reasoning(req, plan, ops)
         if budget is not False:
             return await reasoned_chat(self.worker.submit, ops, budget or None)
+        want_lp = ops[0]["params"].get("logprobs") is not None
         choices = await self._submit(ops)
         await self._run_all(choices)
         out = []
@@ -189,28 +238,33 @@ class LlamaBackend(Backend):
             text = "".join(c.text)
             calls = plan.parse(text)
             if calls:
-                out.append({"index": c.index, "message": {"role": "assistant", "content": None,
-                                                          "tool_calls": calls},
-                            "finish_reason": "tool_calls"})
+                choice = {"index": c.index, "message": {"role": "assistant", "content": None,
+                                                        "tool_calls": calls},
+                          "finish_reason": "tool_calls"}
             else:
-                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "finish_reason": c.finish_reason})
+                choice = {"index": c.index, "message": {"role": "assistant", "content": text},
+                          "finish_reason": c.finish_reason}
+            if want_lp:
+                choice["logprobs"] = {"content": c.logprobs, "refusal": None}
+            out.append(choice)
         return {
             "object": "chat.completion",
             "choices": out,
-            "usage": _usage(self._prompt_usage(choices, req.n),
-                            sum(c.completion_tokens for c in choices)),
+            "usage": self._choices_usage(choices, req.n),
         }
 
     async def complete(self, req: CompletionRequest) -> dict[str, Any]:
-        choices = await self._submit(self._completion_ops(req))
+        ops = self._completion_ops(req)
+        want_lp = ops[0]["params"].get("logprobs") is not None
+        choices = await self._submit(ops)
         await self._run_all(choices)
         return {
             "object": "text_completion",
             "choices": [{"index": c.index, "text": "".join(c.text),
-                         "finish_reason": c.finish_reason, "logprobs": None} for c in choices],
-            "usage": _usage(self._prompt_usage(choices, req.n),
-                            sum(c.completion_tokens for c in choices)),
+                         "finish_reason": c.finish_reason,
+                         "logprobs": completion_logprobs(c.logprobs) if want_lp else None}
+                        for c in choices],
+            "usage": self._choices_usage(choices, req.n),
         }
 
     def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
@@ -233,19 +287,27 @@ class LlamaBackend(Backend):
         HTTP error status rather than an in-stream error.
         """
         prompt_tokens = 0
+        cached_tokens = 0
         completion_tokens = 0  # cumulative over the request
         finished_tokens = 0  # tokens of choices already finished
+        want_lp = bool(ops) and ops[0]["params"].get("logprobs") is not None
+        sent_chars = 0  # generated characters of the current choice (text_offset)
 
         def chunk(c: _Choice, delta: dict[str, Any] | None, text: str | None,
-                  finish: str | None) -> dict[str, Any]:
+                  finish: str | None, lp: list[dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
             body: dict[str, Any] = {"index": c.index, "finish_reason": finish}
             if chat:
                 body["delta"] = delta or {}
+                if want_lp and lp:
+                    body["logprobs"] = {"content": lp, "refusal": None}
             else:
                 body["text"] = text or ""
-                body["logprobs"] = None
+                body["logprobs"] = (completion_logprobs(lp or [], sent_chars) if want_lp
+                                    else None)
             return {"object": "chat.completion.chunk" if chat else "text_completion",
-                    "choices": [body], "usage": _usage(prompt_tokens, completion_tokens)}
+                    "choices": [body],
+                    "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)}
 
         choices = await self._submit(ops)
         tools = plan is not None and plan.active
@@ -254,25 +316,30 @@ class LlamaBackend(Backend):
                 # With tools, text that starts a call ("{" / "[") is held back and sent
                 # as one tool_calls delta (with id and name) once the call is complete.
                 held: list[str] | None = [] if tools else None
+                held_lp: list[dict[str, Any]] = []
                 decided = plan is not None and plan.mode in ("required", "named")
+                sent_chars = 0
                 while True:
                     ev = await c.req.next()
                     t = ev["t"]
                     if t == "start":
                         if pos % n == 0:
                             prompt_tokens += ev["prompt_tokens"]
+                            cached_tokens += ev.get("cached_tokens", 0)
                         if chat:
                             yield chunk(c, {"role": "assistant", "content": ""}, None, None)
                     elif t == "tok":
                         completion_tokens = finished_tokens + ev["n"]
                         if held is not None:
                             held.append(ev["text"])
+                            held_lp.extend(ev.get("lp") or ())
                             so_far = "".join(held).lstrip()
                             if decided or not so_far or so_far[0] in "{[":
                                 continue
-                            ev = {**ev, "text": "".join(held)}
+                            ev = {**ev, "text": "".join(held), "lp": held_lp}
                             held = None  # plain text: stream from here on
-                        yield chunk(c, {"content": ev["text"]}, ev["text"], None)
+                        yield chunk(c, {"content": ev["text"]}, ev["text"], None, ev.get("lp"))
+                        sent_chars += len(ev["text"])
                     elif t == "end":
                         finished_tokens += ev["completion_tokens"]
                         completion_tokens = finished_tokens
@@ -286,7 +353,7 @@ class LlamaBackend(Backend):
                                                                for k, call in enumerate(calls)]},
                                             None, None)
                             elif text:
-                                yield chunk(c, {"content": text}, text, None)
+                                yield chunk(c, {"content": text}, text, None, held_lp)
                         yield chunk(c, {}, "", finish)
                         break
         finally:

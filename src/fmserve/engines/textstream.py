@@ -62,6 +62,11 @@ class TokenOutput:
     Shared by the serial and the batched llama.cpp engines: detokenizes, applies
     stop sequences, counts completion tokens and enforces ``max_tokens``.
     ``detok(token) -> bytes`` and ``is_eog(token) -> bool`` come from the model.
+
+    With log-probabilities (``accept(tok, lp)``, see ``engines/logprobs.py``), each
+    ``tok`` event carries ``lp``: the entries of the tokens whose text it releases
+    (text held back for a possible stop sequence keeps its entries until released;
+    tokens of a matched stop sequence are dropped with it).
     """
 
     def __init__(self, rid: str, prompt_tokens: int, stops: list[str] | None, max_tokens: int,
@@ -77,16 +82,20 @@ class TokenOutput:
         self._emit = emit
         self._detok = detok
         self._is_eog = is_eog
+        self._lps: list[dict[str, Any]] = []
 
-    def accept(self, tok: int) -> bool:
-        """Handles one sampled token; True when the request finished (``end`` emitted)."""
+    def accept(self, tok: int, lp: dict[str, Any] | None = None) -> bool:
+        """Handles one sampled token (and its logprob entry); True when the request
+        finished (``end`` emitted)."""
         if self._is_eog(tok):
             self.finish("stop")
             return True
         self.count += 1
+        if lp is not None:
+            self._lps.append(lp)
         text, hit = self._stops.feed(self._dec.decode(self._detok(tok)))
         if text:
-            self._emit({"t": "tok", "id": self.rid, "text": text, "n": self.count})
+            self._text(text)
         if hit:  # text held back for the stop sequence is dropped with it
             self._end("stop")
             return True
@@ -102,8 +111,14 @@ class TokenOutput:
         if reason != "cancelled":
             tail = self._stops.flush() + self._dec.flush()
             if tail:
-                self._emit({"t": "tok", "id": self.rid, "text": tail, "n": self.count})
+                self._text(tail)
         self._end(reason)
+
+    def _text(self, text: str) -> None:
+        ev: dict[str, Any] = {"t": "tok", "id": self.rid, "text": text, "n": self.count}
+        if self._lps:
+            ev["lp"], self._lps = self._lps, []
+        self._emit(ev)
 
     def _end(self, reason: str) -> None:
         self.done = True
