@@ -14,7 +14,8 @@ SSE timing, concurrency rounds, direct embeddings, machine info) come from
 
 1. **Chat, concurrent streams** - SmolLM2-135M-Instruct (the bundled Q4_1 GGUF) at
    1, 4, 8 and 16 concurrent streaming requests (asyncio + ``httpx.AsyncClient``,
-   distinct prompts, temperature 0, ``max_tokens`` = N):
+   distinct prompts, ``--temperature`` (default 0.7: sampled, as chat traffic is;
+   both servers then reuse the cached chat-template prefix), ``max_tokens`` = N):
    aggregate tokens/s = all tokens / wall time of the round (prefill included), and
    p50 time-to-first-token over the streams.
 
@@ -289,6 +290,9 @@ def main() -> int:
                     "64; quick 24); the grammar runs use 1.5 N")
     ap.add_argument("--texts", type=int, help="embedding texts (default 640; quick 128)")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp and torch threads")
+    ap.add_argument("--temperature", type=float, default=0.7,
+                    help="chat streams' temperature (0 = greedy: fmserve then evaluates every "
+                         "prompt in full, for reproducible answers)")
     ap.add_argument("--skip-llama-server", action="store_true",
                     help="no llama_cpp.server baseline (e.g. without the bench extra)")
     args = ap.parse_args()
@@ -316,7 +320,8 @@ def main() -> int:
         console.rule("fmserve")
         srv: LocalServer = start_server(tmp, args.threads)
         try:
-            bench_concurrency(fm, srv, args.max_tokens, rounds, levels=LEVELS)
+            bench_concurrency(fm, srv, args.max_tokens, rounds, levels=LEVELS,
+                              temperature=args.temperature)
             e_served, e_p50 = bench_embed_singles(srv, texts, args.reps)
             gram = bench_grammar(srv, args.max_tokens * 3 // 2, args.reps)
         except BaseException:
@@ -330,7 +335,8 @@ def main() -> int:
             lsrv = start_llama_server(tmp, args.threads)
             try:
                 bench_concurrency(ll, lsrv, args.max_tokens, rounds, levels=LEVELS,
-                                  label="llama_cpp.server", path="/v1/chat/completions",
+                                  label="llama_cpp.server", temperature=args.temperature,
+                                  path="/v1/chat/completions",
                                   on_line=_on_openai_line)
             except BaseException:
                 console.print(f"[red]llama_cpp.server log:[/red]\n{lsrv.log()[-4000:]}")

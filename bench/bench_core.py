@@ -383,13 +383,14 @@ def bench_served_llm(res: Results, srv: Server, max_tokens: int, reps: int) -> N
 
 
 async def _concurrent_round(srv: Server, conc: int, max_tokens: int, round_no: int,
+                            temperature: float = 0.0,
                             **stream_kw: Any) -> tuple[float, list[float], int]:
     limits = httpx.Limits(max_connections=conc + 2, max_keepalive_connections=conc + 2)
     async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=600,
                                  limits=limits) as client:
         bodies = [chat_body(f"Write a long story about "
                             f"{TOPICS[(round_no * conc + i) % len(TOPICS)]} (#{round_no}.{i}).",
-                            max_tokens) for i in range(conc)]
+                            max_tokens, temperature) for i in range(conc)]
         t0 = time.perf_counter()
         streams = await asyncio.gather(*(served_stream_async(client, b, **stream_kw)
                                          for b in bodies))
@@ -400,14 +401,14 @@ async def _concurrent_round(srv: Server, conc: int, max_tokens: int, round_no: i
 
 def bench_concurrency(res: Results, srv: Server, max_tokens: int, rounds: int,
                       levels: tuple[int, ...] = (1, 4, 8), label: str = "fmserve",
-                      **stream_kw: Any) -> None:
+                      temperature: float = 0.0, **stream_kw: Any) -> None:
     """Fills ``res.concurrency``; ``stream_kw`` goes to :func:`served_stream_async`."""
     asyncio.run(_concurrent_round(srv, 2, 8, 99, **stream_kw))  # warm-up
     for conc in levels:
         tps, ttfts, toks = [], [], 0
         for r in range(rounds):
             agg, tt, total = asyncio.run(_concurrent_round(srv, conc, max_tokens, r,
-                                                           **stream_kw))
+                                                           temperature, **stream_kw))
             tps.append(agg)
             ttfts.extend(tt)
             toks += total

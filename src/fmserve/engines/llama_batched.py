@@ -10,10 +10,10 @@ Every step builds one ``llama_batch`` holding
   stalling the other streams for its whole prefill),
 
 calls ``llama_decode`` once, and samples each sequence from its own logits with its
-own sampler chain (temperature, top-k/p, seed, grammar — the same chain
-``Llama.generate`` builds). New requests join between steps; finished or cancelled
-ones leave. When the KV cache is full, cached prefixes of finished requests are
-dropped first; if that is not enough, the newest sequence fails with 503
+own sampler (temperature, top-k/p, seed, grammar — ``engines/sampling.py``). New
+requests join between steps; finished or cancelled ones leave. When the KV cache
+is full, cached prefixes of finished requests are dropped first; if that is not
+enough, the newest sequence fails with 503
 ``TEMPORARILY_UNAVAILABLE`` (and its cells are freed) rather than everything
 stalling.
 
@@ -26,7 +26,9 @@ Multi-turn chats, which re-send the whole history, thus prefill only the new
 turn. ``cached_tokens`` on the ``start`` event says how many prompt tokens were
 reused. Greedy (temperature 0) and seeded requests evaluate the whole prompt, as
 in the one-at-a-time engine: logits computed in a different batch shape differ in
-the last bits, enough to change a greedy answer from one request to the next.
+the last bits, enough to change a greedy answer from one request to the next. For
+the same reason such a request, when it runs alone, first drops the cached
+prefixes, so it sees the cache as a fresh worker would.
 
 Prompt handling, stop sequences, UTF-8 and grammars are shared with
 :class:`~fmserve.engines.llama_engine.LlamaEngine` (same events, same usage counts).
@@ -35,18 +37,13 @@ Prompt handling, stop sequences, UTF-8 and grammars are shared with
 from __future__ import annotations
 
 import queue
-import random
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fmserve.engines.llama_engine import (
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    LlamaEngine,
-)
+from fmserve.engines.llama_engine import LlamaEngine
+from fmserve.engines.sampling import build_sampler
 from fmserve.engines.textstream import TokenOutput
 
 Emit = Callable[[dict[str, Any]], None]
@@ -168,13 +165,19 @@ class BatchedLlamaEngine(LlamaEngine):
             return None
         tokens, params, room, grammar = prepared
         reproducible = params.get("seed") is not None or params.get("temperature") == 0
+        if reproducible and not active and self._cached:
+            # Alone, a greedy/seeded request must meet the cache as a fresh worker
+            # would: cached cells elsewhere change the attention's shape (more cells,
+            # masked), and that alone can flip a greedy choice.
+            self._drop_cached()
         seq_id, reused = self._slot(tokens, free, [] if reproducible else active,
                                     reuse=not reproducible)
         emit({"t": "start", "id": rid, "prompt_tokens": len(tokens), "cached_tokens": reused,
               "thinking": msg.get("_thinking", False)})
         max_tokens = min(int(params.get("max_tokens") or room), room)
         top = params.get("logprobs")
-        return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, sampler=self._sampler(params, grammar),
+        sampler = build_sampler(self.llm._model, self.llm.n_vocab(), params, grammar)
+        return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, sampler=sampler,
                     out=self.output(rid, len(tokens), params, max_tokens, emit),
                     top_logprobs=None if top is None else int(top), n_past=reused,
                     kv=tokens[:reused])
@@ -208,30 +211,6 @@ class BatchedLlamaEngine(LlamaEngine):
         if src is not None:
             self._lib.llama_memory_seq_cp(self._memory, src.seq_id, slot, 0, n)
         return slot, n
-
-    def _sampler(self, params: dict[str, Any], grammar: Any) -> Any:
-        """The sampler chain ``Llama._init_sampler`` builds, per sequence."""
-        s = self._internals.LlamaSampler()
-        s.add_penalties(n_vocab=self.llm.n_vocab(), penalty_last_n=64,
-                        penalty_repeat=float(params.get("repeat_penalty") or 1.0),
-                        penalty_freq=float(params.get("frequency_penalty") or 0.0),
-                        penalty_present=float(params.get("presence_penalty") or 0.0))
-        if grammar is not None:
-            s.add_grammar(self.llm._model, grammar)
-        temp = params.get("temperature")
-        temp = DEFAULT_TEMPERATURE if temp is None else float(temp)
-        seed = params.get("seed")
-        seed = int(seed) if seed is not None else random.getrandbits(31)
-        if temp == 0.0:
-            s.add_greedy()
-        else:
-            s.add_top_k(int(params.get("top_k") or DEFAULT_TOP_K))
-            s.add_typical(1.0, 1)
-            s.add_top_p(float(params.get("top_p") or DEFAULT_TOP_P), 1)
-            s.add_min_p(float(params.get("min_p") or 0.0), 1)
-            s.add_temp(temp)
-            s.add_dist(seed)
-        return s
 
     # -- one decode step ------------------------------------------------------------
     def _step(self, seqs: list[_Seq], emit: Emit) -> list[_Seq]:
@@ -296,6 +275,11 @@ class BatchedLlamaEngine(LlamaEngine):
             self._release(seq)
         return finished
 
+    def _drop_cached(self) -> None:
+        for slot in self._cached:
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._cached.clear()
+
     def _release(self, seq: _Seq, keep: bool = True) -> None:
         """Ends a sequence; its KV cells stay as a cached prefix unless ``keep`` is False."""
         if keep and seq.kv:
@@ -310,9 +294,7 @@ class BatchedLlamaEngine(LlamaEngine):
         for seq in seqs:
             seq.step_tokens = 0
         if self._cached:
-            for slot in self._cached:
-                self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
-            self._cached.clear()
+            self._drop_cached()
             return []
         victim = max(seqs, key=lambda s: int(s.rid) if s.rid.isdigit() else 0)
         emit({"t": "err", "id": victim.rid, "code": "TEMPORARILY_UNAVAILABLE",
