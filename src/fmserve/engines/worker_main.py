@@ -114,22 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(engine, "run"):  # the engine schedules requests itself (continuous batching)
         engine.run(inbox, cancelled, chan.send)
         return 0
-    batching = hasattr(engine, "handle_batch")
+    if hasattr(engine, "handle_batch"):  # dynamic batching, batch_loops batches at a time
+        loops = [threading.Thread(target=_batch_loop, args=(engine, inbox, cancelled, chan.send),
+                                  name=f"fmserve-batch-{i}", daemon=True)
+                 for i in range(int(getattr(engine, "batch_loops", 1)))]
+        for t in loops:
+            t.start()
+        for t in loops:
+            t.join()
+        return 0
     while True:
         msg = inbox.get()
         if msg is None:
             return 0
         if cancelled.pop(msg["id"]):
-            continue
-        if batching:
-            batch = _gather_batch(msg, inbox, cancelled, engine.max_batch, engine.max_wait_s)
-            try:
-                engine.handle_batch(batch, chan.send)
-            except Exception as exc:
-                traceback.print_exc()
-                for m in batch:
-                    chan.send({"t": "err", "id": m["id"], "code": "INTERNAL_ERROR",
-                               "message": f"{type(exc).__name__}: {exc}"})
             continue
         rid = msg["id"]
         try:
@@ -141,6 +139,27 @@ def main(argv: list[str] | None = None) -> int:
         cancelled.pop(rid)
 
 
+def _batch_loop(engine: Any, inbox: queue.Queue[dict[str, Any] | None], cancelled: CancelSet,
+                send: Any) -> None:
+    """Takes a batch off the inbox, runs it, repeats. With several loops, one batch is
+    computed while the next gathers (the engine shares its compute threads)."""
+    while True:
+        msg = inbox.get()
+        if msg is None:
+            inbox.put(None)  # the other loops stop too
+            return
+        if cancelled.pop(msg["id"]):
+            continue
+        batch = _gather_batch(msg, inbox, cancelled, engine.max_batch, engine.max_wait_s)
+        try:
+            engine.handle_batch(batch, send)
+        except Exception as exc:
+            traceback.print_exc()
+            for m in batch:
+                send({"t": "err", "id": m["id"], "code": "INTERNAL_ERROR",
+                      "message": f"{type(exc).__name__}: {exc}"})
+
+
 def _gather_batch(first: dict[str, Any], inbox: queue.Queue[dict[str, Any] | None],
                   cancelled: CancelSet, max_items: int, max_wait_s: float) -> list[dict[str, Any]]:
     """``first`` plus requests that arrive within ``max_wait_s`` (up to ``max_items`` inputs).
@@ -148,7 +167,8 @@ def _gather_batch(first: dict[str, Any], inbox: queue.Queue[dict[str, Any] | Non
     Dynamic batching: concurrent single-text embedding requests share one forward pass.
     """
     batch, size = [first], len(first.get("texts", ()))
-    deadline = time.monotonic() + max_wait_s
+    start = time.monotonic()
+    deadline = start + max_wait_s
     while size < max_items:
         try:
             nxt = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -161,6 +181,8 @@ def _gather_batch(first: dict[str, Any], inbox: queue.Queue[dict[str, Any] | Non
             continue
         batch.append(nxt)
         size += len(nxt.get("texts", ()))
+        # Requests still arriving: wait another max_wait_s after each, up to 8x in all.
+        deadline = min(time.monotonic() + max_wait_s, start + 8 * max_wait_s)
     return batch
 
 
