@@ -109,6 +109,45 @@ RESPONSE_FORMAT = {"type": "json_schema",
                    "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
 
 
+# -- the kernel's own ceiling -------------------------------------------------------
+def bench_decode_kernel(threads: int, steps: int) -> dict[int, float]:
+    """tokens/s of bare ``llama_decode`` steps carrying one token for each of B
+    sequences (B in LEVELS), in this process, no sampling, no server: the most any
+    continuous-batching engine can get out of llama.cpp's CPU kernels for this model.
+    Run via ``isolated`` (a fresh process)."""
+    import llama_cpp
+    from llama_cpp import Llama, _internals
+
+    llm = Llama(model_path=str(bundled.smollm2_gguf()), n_ctx=256, n_threads=threads,
+                verbose=False)
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch = 4096, 512, 512
+    p.n_seq_max, p.kv_unified = max(LEVELS), True
+    p.n_threads = p.n_threads_batch = threads
+    ctx = _internals.LlamaContext(model=llm._model, params=p, verbose=False)
+    mem = llama_cpp.llama_get_memory(ctx.ctx)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def step(n_seqs: int, pos: int) -> None:
+        for i in range(n_seqs):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = 100 + i, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = i, 1
+        batch.n_tokens = n_seqs
+        if llama_cpp.llama_decode(ctx.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    out = {}
+    for n_seqs in LEVELS:
+        llama_cpp.llama_memory_clear(mem, True)
+        step(n_seqs, 0)
+        t = time.perf_counter()
+        for pos in range(1, steps + 1):
+            step(n_seqs, pos)
+        out[n_seqs] = n_seqs * steps / (time.perf_counter() - t)
+        console.log(f"llama_decode alone, {n_seqs} sequences/step: {out[n_seqs]:.0f} tok/s")
+    return out
+
+
 # -- llama-cpp-python's server -----------------------------------------------------
 def _on_openai_line(s: Stream, line: str) -> None:
     """llama_cpp.server chunks carry no usage: one content delta = one token."""
@@ -237,7 +276,8 @@ def verdict(value: float, target: float) -> str:
 
 
 def report(args: argparse.Namespace, fm: Results, ll: Results | None, e_direct: list[float],
-           e_served: list[float], e_p50: float, gram: dict[str, list[Stream]]) -> None:
+           e_served: list[float], e_p50: float, gram: dict[str, list[Stream]],
+           kernel: dict[int, float]) -> None:
     t = Table(title=f"fmserve batching benchmark ({'quick' if args.quick else 'full'}: "
                     f"{args.reps} reps, max_tokens={args.max_tokens}, threads={args.threads}; "
                     "medians)", box=box.MARKDOWN)
@@ -259,6 +299,9 @@ def report(args: argparse.Namespace, fm: Results, ll: Results | None, e_direct: 
     ll_ratio = div(llc.get(8, {}).get("tps", nan), llc.get(1, {}).get("tps", nan))
     t.add_row("chat aggregate, 8 streams / 1 stream (same server)", times(ll_ratio),
               times(div(eight, one)), "", ">= 2.5x", verdict(div(eight, one), 2.5))
+    k1, k8 = kernel.get(1, nan), kernel.get(8, nan)
+    t.add_row("  ceiling: bare llama_decode tok/s, 1 / 8 seqs per step", "",
+              f"{f0(k1)} / {f0(k8)}", times(div(k8, k1)), "info", "")
     ed, es = median(e_direct), median(e_served)
     t.add_row(f"embeddings texts/s, {args.texts} texts, {CLIENTS} clients x 1 text/req",
               f0(ed), f0(es), pct(div(es, ed)), ">= 80 %", verdict(div(es, ed), 0.8))
@@ -311,6 +354,8 @@ def main() -> int:
 
     console.rule("direct embeddings (no server running)")
     e_direct = isolated(bench_direct_embed, args.threads, texts, args.reps)
+    console.rule("bare llama_decode (no server running)")
+    kernel = isolated(bench_decode_kernel, args.threads, 8 if args.quick else 32)
 
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so a running server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -346,7 +391,7 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report(args, fm, ll, e_direct, e_served, e_p50, gram)
+    report(args, fm, ll, e_direct, e_served, e_p50, gram, kernel)
     return 0
 
 
