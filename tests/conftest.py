@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from openai import OpenAI
 
 from fmserve.testing import LocalServer, fmserve_cmd, free_port, start_server, stop_server
 
@@ -90,6 +91,12 @@ def gateway() -> Iterator[Server]:
     finally:
         stop_server(srv)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def openai_for(srv: Server, **kw: Any) -> OpenAI:
+    """The real ``openai`` client on ``srv``'s ``/serving-endpoints`` (no retries)."""
+    return OpenAI(base_url=f"{srv.url}/serving-endpoints", api_key=srv.token, max_retries=0,
+                  **kw)
 
 
 def create_external(srv: Server, name: str, external_model: dict[str, Any],

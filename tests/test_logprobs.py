@@ -8,7 +8,7 @@ import queue
 from typing import Any
 
 import pytest
-from conftest import CHAT, Server
+from conftest import CHAT, Server, openai_for
 from openai import BadRequestError, OpenAI
 
 from fmserve.engines.bundled import smollm2_gguf
@@ -17,7 +17,7 @@ from fmserve.engines.logprobs import completion_logprobs
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/serving-endpoints", api_key=server.token, max_retries=0)
+    return openai_for(server)
 
 
 def _check_entry(e: Any, top: int) -> None:

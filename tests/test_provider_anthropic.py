@@ -12,7 +12,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import Server, create_external
+from conftest import Server, create_external, openai_for
 from fakes.anthropic import API_KEY, MODEL, external_model, fake
 from fakes.server import FakeServer
 from PIL import Image
@@ -44,8 +44,7 @@ def ep(gateway: Server, ant: FakeServer) -> str:
 
 @pytest.fixture()
 def client(gateway: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/serving-endpoints", api_key=gateway.token,
-                         max_retries=0)
+    return openai_for(gateway)
 
 
 def chat(client: openai.OpenAI, ep: str, messages: list[Any], **kw: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Server, create_external
+from conftest import Server, create_external, openai_for
 from databricks.sdk import WorkspaceClient
 from fakes import bedrock
 from fakes.server import FakeServer
@@ -46,8 +46,7 @@ def chat_ep(gateway: Server, fake: FakeServer) -> str:
 
 @pytest.fixture(scope="module")
 def client(gateway: Server) -> OpenAI:
-    return OpenAI(base_url=gateway.url + "/serving-endpoints", api_key=gateway.token,
-                  max_retries=0, timeout=20)
+    return openai_for(gateway, timeout=20)
 
 
 def sent(fake: FakeServer) -> dict[str, Any]:

@@ -13,12 +13,11 @@ from typing import Any
 
 import openai
 import pytest
+from conftest import Server, create_external, openai_for
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
-
-from tests.conftest import Server, create_external
-from tests.fakes import cohere as fake_cohere
-from tests.fakes.server import FakeServer
+from fakes import cohere as fake_cohere
+from fakes.server import FakeServer
 
 KEY = fake_cohere.KEY
 MODEL = "command-r-plus-08-2024"
@@ -49,8 +48,7 @@ def ep(gateway: Server, fake: FakeServer) -> str:
 
 @pytest.fixture(scope="module")
 def client(gateway: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/serving-endpoints", api_key=gateway.token,
-                         max_retries=0)
+    return openai_for(gateway)
 
 
 def sent(fake: FakeServer) -> dict[str, Any]:

@@ -18,11 +18,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from conftest import Server, create_external, openai_for
+from fakes import google as fg
+from fakes.server import FakeServer
 from PIL import Image
-
-from tests.conftest import Server, create_external
-from tests.fakes import google as fg
-from tests.fakes.server import FakeServer
 
 MODEL = "gemini-2.5-flash"
 WEATHER: Any = {"type": "function", "function": {
@@ -54,8 +53,7 @@ def ep(gateway: Server, fake: FakeServer) -> str:
 
 @pytest.fixture(scope="module")
 def client(gateway: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/serving-endpoints", api_key=gateway.token,
-                         max_retries=0)
+    return openai_for(gateway)
 
 
 def sent(fake: FakeServer) -> dict[str, Any]:

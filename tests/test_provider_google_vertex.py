@@ -12,15 +12,15 @@ from typing import Any
 
 import openai
 import pytest
+from conftest import Server, create_external, openai_for
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from databricks.sdk import WorkspaceClient
+from fakes import google as fg
+from fakes.server import FakeServer
 
 from fmserve.protocol.chat import ChatMessage
 from fmserve.providers import google_wire as wire
-from tests.conftest import Server, create_external
-from tests.fakes import google as fg
-from tests.fakes.server import FakeServer
 
 MODEL = "gemini-2.5-flash"
 
@@ -46,8 +46,7 @@ def ep(gateway: Server, fake: FakeServer) -> str:
 
 @pytest.fixture(scope="module")
 def client(gateway: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/serving-endpoints", api_key=gateway.token,
-                         max_retries=0)
+    return openai_for(gateway)
 
 
 def user(text: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Server, create_external
+from conftest import Server, create_external, openai_for
 from fakes import openai as fake_openai
 from fakes.server import FakeServer
 
@@ -43,8 +43,7 @@ def ep(gateway: Server, fake: FakeServer) -> str:
 
 @pytest.fixture(scope="module")
 def client(gateway: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/serving-endpoints", api_key=gateway.token,
-                         max_retries=0)
+    return openai_for(gateway)
 
 
 def sent(fake: FakeServer) -> dict[str, Any]:

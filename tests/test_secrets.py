@@ -29,9 +29,8 @@ from databricks.sdk.errors import (
     ResourceDoesNotExist,
 )
 from databricks.sdk.service.workspace import ScopeBackendType
-
-from tests.fakes.openai import external_model, fake
-from tests.fakes.server import FakeServer
+from fakes.openai import external_model, fake
+from fakes.server import FakeServer
 
 
 def _uid() -> str:

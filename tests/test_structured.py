@@ -6,7 +6,7 @@ import json
 
 import jsonschema
 import pytest
-from conftest import CHAT, Server
+from conftest import CHAT, Server, openai_for
 from openai import BadRequestError, OpenAI
 
 from fmserve.engines.structured import ToolPlan, check_schema
@@ -37,7 +37,7 @@ PERSON = {"type": "object", "additionalProperties": False,
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/serving-endpoints", api_key=server.token, max_retries=0)
+    return openai_for(server)
 
 
 def _check_call(call, tools: list[dict]) -> dict:  # type: ignore[no-untyped-def,type-arg]

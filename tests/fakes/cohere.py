@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.fakes import brain
-from tests.fakes.server import FakeServer, sleep_forever
+from fakes import brain
+from fakes.server import FakeServer, sleep_forever
 
 KEY = "co-fake-key-5c7e1d9a2b"
 TEMPLATE_TOKENS = 10  # usage.tokens.input_tokens counts the prompt template too

@@ -33,8 +33,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.fakes.brain import Seen, instance, pieces, think
-from tests.fakes.server import FakeServer, sleep_forever
+from fakes.brain import Seen, instance, pieces, think
+from fakes.server import FakeServer, sleep_forever
 
 API_KEY = "AIzaFAKE-gemini-key-7f3a9c2e1b"
 PROJECT = "fmserve-test-project"
