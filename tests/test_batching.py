@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import queue
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jsonschema
 import numpy as np
-from conftest import CHAT, EMBED, Server, start_server, stop_server
+from conftest import CHAT, EMBED, Server, start_server, stop_server, wait_for
 
 TEXTS = [f"Sentence number {i} is about {topic}." for i, topic in enumerate(
     ["cats", "stocks", "rain", "football", "violins", "volcanoes", "bread", "rockets",
@@ -113,3 +117,42 @@ def test_kv_cache_full_answers_503_not_a_hang(tmp_path: Path) -> None:
         assert alone.json()["usage"]["completion_tokens"] >= 200
     finally:
         stop_server(srv)
+
+
+def test_long_prefill_is_chunked_between_decode_steps() -> None:
+    """While a long prompt is evaluated, a running stream keeps getting tokens: the
+    prompt goes in prefill_chunk-token slices between its decode steps."""
+    from fmserve.engines.bundled import smollm2_gguf
+    from fmserve.engines.llama_batched import BatchedLlamaEngine
+    from fmserve.engines.worker_main import CancelSet
+
+    engine = BatchedLlamaEngine({"model_path": str(smollm2_gguf()), "n_ctx": 2048,
+                                 "n_threads": 2, "max_seqs": 2, "prefill_chunk": 32})
+    inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    tokens: dict[str, list[float]] = {"a": [], "b": []}
+    ends: dict[str, dict[str, Any]] = {}
+
+    def emit(ev: dict[str, Any]) -> None:
+        if ev["t"] == "tok":
+            tokens[ev["id"]].append(time.perf_counter())
+        elif ev["t"] in ("end", "err"):
+            ends[ev["id"]] = ev
+
+    runner = threading.Thread(target=engine.run, args=(inbox, CancelSet(), emit))
+    runner.start()
+    inbox.put({"op": "generate", "id": "a", "prompt": "1, 2, 3, 4,",
+               "params": {"max_tokens": 400, "temperature": 0}})
+    wait_for(lambda: len(tokens["a"]) >= 5, 60, "stream a decoding")
+    submitted = time.perf_counter()
+    long_prompt = " ".join(f"item{i}" for i in range(300))  # ~600 tokens
+    inbox.put({"op": "generate", "id": "b", "prompt": long_prompt,
+               "params": {"max_tokens": 2, "temperature": 0}})
+    inbox.put(None)
+    runner.join(timeout=300)
+    assert ends["a"]["t"] == ends["b"]["t"] == "end", ends
+    first_b = tokens["b"][0]
+    during = [t for t in tokens["a"] if submitted <= t <= first_b]
+    gaps = np.diff([submitted, *during, first_b])
+    # b's prefill took many steps; a got a token between each (not one long pause).
+    assert len(during) >= 10, (len(during), first_b - submitted)
+    assert gaps.max() < (first_b - submitted) / 5, (gaps.max(), first_b - submitted)

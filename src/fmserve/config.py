@@ -32,6 +32,8 @@ class ServerConfig:
             the requests a worker runs at once.
         llama_max_seqs: requests one llama.cpp worker decodes together (continuous
             batching); 1 = one at a time.
+        llama_prefill_chunk: prompt tokens a batched llama.cpp worker evaluates per step
+            while other requests are decoding (bounds their pause during a long prefill).
         sync_interval_s: how often (s) to pick up endpoint changes made by other
             server processes sharing the database.
         scale_to_zero_idle_s: idle seconds before a scale-to-zero entity stops its workers.
@@ -52,6 +54,8 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     n_ctx: int = field(default_factory=lambda: _env_int("FMSERVE_N_CTX", 8192))
     llama_max_seqs: int = field(default_factory=lambda: _env_int("FMSERVE_LLAMA_MAX_SEQS", 8))
+    llama_prefill_chunk: int = field(
+        default_factory=lambda: _env_int("FMSERVE_LLAMA_PREFILL_CHUNK", 64))
     sync_interval_s: float = 2.0
     scale_to_zero_idle_s: float = field(
         default_factory=lambda: float(os.environ.get("FMSERVE_SCALE_TO_ZERO_IDLE_S") or 900))

@@ -103,6 +103,7 @@ def build_entity(endpoint: str, inp: ServedEntityInput, source: ModelSource,
     if source.engine == "llama_cpp":
         spec: dict[str, Any] = {"engine": "llama_cpp", "model_path": source.path,
                                 "n_ctx": cfg.n_ctx, "max_seqs": cfg.llama_max_seqs,
+                                "prefill_chunk": cfg.llama_prefill_chunk,
                                 "n_threads": cfg.llama_threads or max(1, cores // hi)}
     else:
         spec = {"engine": "sentence_transformers", "model_path": source.path,
