@@ -69,7 +69,7 @@ from rich import box
 from rich.table import Table
 
 from fmserve.engines import bundled
-from fmserve.testing import LocalServer, free_port
+from fmserve.testing import LocalServer, free_port, wait_until_up
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_core import (  # noqa: E402
@@ -177,19 +177,7 @@ def start_llama_server(tmp: Path, threads: int, timeout_s: float = 120) -> Local
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     srv = LocalServer(f"http://127.0.0.1:{port}", token, tmp, proc, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited ({proc.returncode}):\n{srv.log()}")
-        try:
-            if httpx.get(f"{srv.url}/v1/models", headers=srv.headers,
-                         timeout=2).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop_server(srv)
-    raise RuntimeError(f"llama_cpp.server did not come up:\n{srv.log()}")
+    return wait_until_up(srv, "/v1/models", timeout_s, "llama_cpp.server", srv.headers)
 
 
 # -- embeddings: one text per request, many clients ---------------------------------

@@ -73,18 +73,29 @@ def start_server(tmp: Path, env_extra: dict[str, str] | None = None, timeout_s: 
                                 env=env, stdout=logf, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
     srv = LocalServer(f"http://127.0.0.1:{port}", token, data_dir, proc, log_path)
+    return wait_until_up(srv, "/health", timeout_s, "fmserve serve")
+
+
+def wait_until_up(srv: LocalServer, path: str, timeout_s: float, what: str,
+                  headers: dict[str, str] | None = None) -> LocalServer:
+    """Polls ``GET path`` every 0.25 s until it answers 200; returns ``srv``.
+
+    Raises:
+        RuntimeError: ``what`` exited or did not answer within ``timeout_s`` (with its
+            log); the process is stopped first.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fmserve serve exited ({proc.returncode}):\n{srv.log()}")
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({srv.proc.returncode}):\n{srv.log()}")
         try:
-            if httpx.get(f"{srv.url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{srv.url}{path}", headers=headers, timeout=2).status_code == 200:
                 return srv
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
     stop_server(srv)
-    raise RuntimeError(f"fmserve serve did not become healthy:\n{srv.log()}")
+    raise RuntimeError(f"{what} did not come up within {timeout_s:.0f} s:\n{srv.log()}")
 
 
 def stop_server(srv: LocalServer) -> None:
