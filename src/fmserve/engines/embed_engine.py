@@ -90,10 +90,9 @@ class EmbeddingEngine:
         shortest, of at most ``batch_size`` texts and, when there is enough work,
         into at least ``n_threads`` groups; the groups run on the thread pool.
         """
-        with self._tokenizer_lock:
-            tok = self.model.tokenizer(texts, add_special_tokens=True, truncation=True,
-                                       max_length=self.max_seq_length)["input_ids"]
-        lengths = np.fromiter((len(x) for x in tok), dtype=np.int64, count=len(texts))
+        with self._tokenizer_lock:  # padded to the longest text, truncated
+            feats = self.model.tokenize(texts)
+        lengths = feats["attention_mask"].sum(dim=1).numpy()
         order = np.argsort(lengths, kind="stable").tolist()
         cap = max(1, min(self.batch_size, math.ceil(len(texts) / self.threads)))
         groups, i = [], 0
@@ -104,11 +103,17 @@ class EmbeddingEngine:
             groups.append(order[i:j])
             i = j
         out = np.empty((len(texts), self.dim), dtype="<f4")
-        with self._tokenizer_lock:
-            feats = [self.model.tokenize([texts[k] for k in g]) for g in groups]
-        for g, vecs in zip(groups, self._pool.map(self._forward, feats), strict=True):
+        parts = [self._rows(feats, g, int(lengths[g].max())) for g in groups]
+        for g, vecs in zip(groups, self._pool.map(self._forward, parts), strict=True):
             out[g] = vecs
         return out, lengths
+
+    def _rows(self, feats: dict[str, Any], rows: list[int], width: int) -> dict[str, Any]:
+        """The features of ``rows``, cut to ``width`` tokens (padding is on the right)."""
+        idx = self._torch.tensor(rows)
+        cut = self.model.tokenizer.padding_side == "right"
+        return {k: (v[idx, :width] if cut and v.dim() == 2 else v[idx])
+                if isinstance(v, self._torch.Tensor) else v for k, v in feats.items()}
 
     def _forward(self, features: dict[str, Any]) -> Any:
         with self._torch.inference_mode():
