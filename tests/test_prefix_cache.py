@@ -4,6 +4,7 @@ prompts evaluate only what is new; the reused cells give the same answers."""
 from __future__ import annotations
 
 import math
+import queue
 from typing import Any
 
 import pytest
@@ -55,3 +56,30 @@ def test_greedy_and_seeded_requests_evaluate_the_whole_prompt(server: Server) ->
         answers = [_post(server, "completions", {**body, **extra}) for _ in range(2)]
         assert [_cached(a) for a in answers] == [0, 0]
         assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+
+
+def test_concurrent_requests_share_one_prefill() -> None:
+    """Requests arriving together with one system prompt (or n > 1 choices of one
+    prompt): the first evaluates the shared prefix, the others copy its cells."""
+    from fmserve.engines.bundled import smollm2_gguf
+    from fmserve.engines.llama_batched import BatchedLlamaEngine
+    from fmserve.engines.worker_main import CancelSet
+
+    engine = BatchedLlamaEngine({"model_path": str(smollm2_gguf()), "n_ctx": 2048,
+                                 "n_threads": 2, "max_seqs": 4})
+    system = {"role": "system", "content": "You are a careful, terse assistant. " * 8}
+    inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    questions = ["Name a river.", "Name a mountain.", "Name a desert."]
+    for i, q in enumerate(questions + [questions[0]]):  # the last: a 2nd choice of the 1st
+        inbox.put({"op": "generate", "id": str(i), "params": {"max_tokens": 4, "temperature": 0.7},
+                   "messages": [system, {"role": "user", "content": q}]})
+    inbox.put(None)
+    events: list[dict[str, Any]] = []
+    engine.run(inbox, CancelSet(), events.append)
+    starts = {e["id"]: e for e in events if e["t"] == "start"}
+    ends = {e["id"]: e for e in events if e["t"] == "end"}
+    assert sorted(ends) == ["0", "1", "2", "3"]
+    assert starts["0"]["cached_tokens"] == 0
+    for rid in ("1", "2"):  # the system prompt (~70 tokens) came from request 0's cells
+        assert 60 <= starts[rid]["cached_tokens"] < starts[rid]["prompt_tokens"] - 3
+    assert starts["3"]["cached_tokens"] == starts["3"]["prompt_tokens"] - 1

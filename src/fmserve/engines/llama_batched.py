@@ -19,7 +19,10 @@ enough, the newest sequence fails with 503
 ``TEMPORARILY_UNAVAILABLE`` (and its cells are freed) rather than everything
 stalling.
 
-**Prefix caching.** A finished request leaves its KV cells in place, tagged with
+**Prefix caching.** A request that arrives while a running sequence is still
+evaluating a prompt prefix it shares (``n`` > 1 choices of one prompt, many
+requests with one system prompt) waits until that prefix is in the cache, then
+copies it. A finished request leaves its KV cells in place, tagged with
 its slot's sequence id; the ``prefix_cache_slots`` (default 2) most recently
 finished ones are kept. Few, because every decode step attends over every used
 cell of the unified cache, masked or not: eight stale 120-token prefixes cost the
@@ -68,6 +71,26 @@ class _Seq:
     step_tokens: int = 0  # tokens this sequence put in the current batch
     step_next: int | None = None  # next_token before the current batch (for rollback)
     kv: list[int] = field(default_factory=list)  # tokens in the KV cache, by position
+
+
+# A request waits for a running prefill only when they share this many prompt tokens.
+SHARE_MIN_TOKENS = 16
+
+
+@dataclass
+class _Prepared:
+    """A request whose prompt is tokenized and grammar compiled, not yet placed."""
+
+    msg: dict[str, Any]
+    tokens: list[int]
+    params: dict[str, Any]
+    room: int  # context tokens left after the prompt
+    grammar: Any
+    reproducible: bool  # greedy or seeded: no prefix reuse
+
+    @property
+    def rid(self) -> str:
+        return str(self.msg["id"])
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -121,10 +144,17 @@ class BatchedLlamaEngine(LlamaEngine):
         active: dict[int, _Seq] = {}
         free = list(range(self.max_seqs - 1, -1, -1))
         closing = False
+        waiting: list[_Prepared] = []  # followers of a prefill in progress (see _follows)
         while True:
+            for req in list(waiting):
+                if cancelled.pop(req.rid):
+                    waiting.remove(req)
+                elif free and not self._follows(req, active.values()):
+                    waiting.remove(req)
+                    self._place(req, free, active, emit)
             while free and not closing:  # admit new requests between steps
                 try:
-                    msg = inbox.get(block=not active)
+                    msg = inbox.get(block=not active and not waiting)
                 except queue.Empty:
                     break
                 if msg is None:  # finish what runs, then stop
@@ -132,10 +162,13 @@ class BatchedLlamaEngine(LlamaEngine):
                     break
                 if cancelled.pop(msg["id"]):
                     continue
-                seq = self._admit(msg, free, list(active.values()), emit)
-                if seq is not None:
-                    free.remove(seq.seq_id)
-                    active[seq.seq_id] = seq
+                new = self._prepare(msg, emit)
+                if new is None:
+                    continue
+                if self._follows(new, active.values()):
+                    waiting.append(new)
+                else:
+                    self._place(new, free, active, emit)
             for seq in list(active.values()):
                 if seq.rid in cancelled:
                     cancelled.pop(seq.rid)
@@ -144,7 +177,7 @@ class BatchedLlamaEngine(LlamaEngine):
                     del active[seq.seq_id]
                     free.append(seq.seq_id)
             if not active:
-                if closing:
+                if closing and not waiting:
                     return
                 continue
             try:
@@ -160,8 +193,7 @@ class BatchedLlamaEngine(LlamaEngine):
                 del active[seq.seq_id]
                 free.append(seq.seq_id)
 
-    def _admit(self, msg: dict[str, Any], free: list[int], active: list[_Seq],
-               emit: Emit) -> _Seq | None:
+    def _prepare(self, msg: dict[str, Any], emit: Emit) -> _Prepared | None:
         rid = msg["id"]
         if msg.get("op") != "generate":
             emit({"t": "err", "id": rid, "code": "INTERNAL_ERROR",
@@ -172,18 +204,43 @@ class BatchedLlamaEngine(LlamaEngine):
             return None
         tokens, params, room, grammar = prepared
         reproducible = params.get("seed") is not None or params.get("temperature") == 0
+        return _Prepared(msg, tokens, params, room, grammar, reproducible)
+
+    @staticmethod
+    def _follows(req: _Prepared, active: Any) -> bool:
+        """True when ``req`` should wait for a running sequence still evaluating a prompt
+        prefix it shares (``n`` > 1 choices, one system prompt for many requests): once
+        that prefix is in the cache, ``req`` copies it instead of evaluating it again."""
+        if req.reproducible:
+            return False
+        for seq in active:
+            if seq.n_past < len(seq.prompt):
+                shared = common_prefix(seq.prompt, req.tokens)
+                if shared >= SHARE_MIN_TOKENS and len(seq.kv) < min(shared,
+                                                                   len(req.tokens) - 1):
+                    return True
+        return False
+
+    def _place(self, req: _Prepared, free: list[int], active: dict[int, _Seq],
+               emit: Emit) -> None:
+        seq = self._admit(req, free, list(active.values()), emit)
+        free.remove(seq.seq_id)
+        active[seq.seq_id] = seq
+
+    def _admit(self, req: _Prepared, free: list[int], active: list[_Seq], emit: Emit) -> _Seq:
+        rid, tokens, params, room = req.rid, req.tokens, req.params, req.room
+        reproducible = req.reproducible
         if reproducible and not active and self._cached:
             # Alone, a greedy/seeded request must meet the cache as a fresh worker
             # would: cached cells elsewhere change the attention's shape (more cells,
             # masked), and that alone can flip a greedy choice.
             self._drop_cached()
-        seq_id, reused = self._slot(tokens, free, [] if reproducible else active,
-                                    reuse=not reproducible)
+        seq_id, reused = self._slot(tokens, free, active, reuse=not reproducible)
         emit({"t": "start", "id": rid, "prompt_tokens": len(tokens), "cached_tokens": reused,
-              "thinking": msg.get("_thinking", False)})
+              "thinking": req.msg.get("_thinking", False)})
         max_tokens = min(int(params.get("max_tokens") or room), room)
         top = params.get("logprobs")
-        sampler = build_sampler(self.llm._model, self.llm.n_vocab(), params, grammar)
+        sampler = build_sampler(self.llm._model, self.llm.n_vocab(), params, req.grammar)
         return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, sampler=sampler,
                     out=self.output(rid, len(tokens), params, max_tokens, emit),
                     top_logprobs=None if top is None else int(top), n_past=reused,
@@ -193,16 +250,23 @@ class BatchedLlamaEngine(LlamaEngine):
               reuse: bool) -> tuple[int, int]:
         """Picks a free slot for ``prompt``; returns (seq id, prompt tokens already cached).
 
-        At least the prompt's last token is always evaluated (its logits are needed).
+        The longest cached prefix wins: a free slot's own leftover cells, or a running
+        sequence's cells (copied). At least the prompt's last token is always
+        evaluated (its logits are needed).
         """
         limit = len(prompt) - 1
         best, best_len = None, 0
+        src, src_len = None, 0
         if reuse:
             for slot in free:
                 n = min(common_prefix(self._cached.get(slot, []), prompt), limit)
                 if n > best_len:
                     best, best_len = slot, n
-        if best is not None:  # reuse this slot's own cells, drop the rest
+            for seq in active:  # a running sequence with the same prefix
+                n = min(common_prefix(seq.kv, prompt), limit)
+                if n > src_len:
+                    src, src_len = seq, n
+        if best is not None and best_len >= src_len:  # this slot's own cells; drop the rest
             self._lib.llama_memory_seq_rm(self._memory, best, best_len, -1)
             del self._cached[best]
             return best, best_len
@@ -210,14 +274,10 @@ class BatchedLlamaEngine(LlamaEngine):
         slot = min(free, key=lambda s: len(self._cached.get(s, [])))
         if self._cached.pop(slot, None) is not None:
             self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
-        src, n = None, 0
-        for seq in active:  # a running sequence with the same prefix (system prompt, n > 1)
-            k = min(common_prefix(seq.kv, prompt), limit)
-            if k > n:
-                src, n = seq, k
-        if src is not None:
-            self._lib.llama_memory_seq_cp(self._memory, src.seq_id, slot, 0, n)
-        return slot, n
+        if src is None:
+            return slot, 0
+        self._lib.llama_memory_seq_cp(self._memory, src.seq_id, slot, 0, src_len)
+        return slot, src_len
 
     # -- one decode step ------------------------------------------------------------
     def _step(self, seqs: list[_Seq], emit: Emit) -> list[_Seq]:
