@@ -73,6 +73,7 @@ from fmserve.testing import LocalServer, free_port, wait_until_up
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_core import (  # noqa: E402
+    CHAT,
     EMBED,
     N_CTX,
     Results,
@@ -109,8 +110,26 @@ RESPONSE_FORMAT = {"type": "json_schema",
                    "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
 
 
+def chat_endpoint(srv: LocalServer, gguf: str, timeout_s: float = 300) -> str:
+    """The invocations path for ``gguf``: the bundled chat endpoint, or a new endpoint
+    serving that file (created through the management API, ready when this returns)."""
+    if Path(gguf) == bundled.smollm2_gguf():
+        return f"/serving-endpoints/{CHAT}/invocations"
+    name = "bench-gguf"
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=60) as c:
+        r = c.post("/api/2.0/serving-endpoints", json={
+            "name": name, "config": {"served_entities": [{"entity_name": gguf}]}})
+        r.raise_for_status()
+        deadline = time.monotonic() + timeout_s
+        while c.get(f"/api/2.0/serving-endpoints/{name}").json()["state"]["ready"] != "READY":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"endpoint {name} for {gguf} not ready in {timeout_s} s")
+            time.sleep(0.5)
+    return f"/serving-endpoints/{name}/invocations"
+
+
 # -- the kernel's own ceiling -------------------------------------------------------
-def bench_decode_kernel(threads: int, steps: int) -> dict[int, float]:
+def bench_decode_kernel(threads: int, steps: int, gguf: str) -> dict[int, float]:
     """tokens/s of bare ``llama_decode`` steps carrying one token for each of B
     sequences (B in LEVELS), in this process, no sampling, no server: the most any
     continuous-batching engine can get out of llama.cpp's CPU kernels for this model.
@@ -118,7 +137,7 @@ def bench_decode_kernel(threads: int, steps: int) -> dict[int, float]:
     import llama_cpp
     from llama_cpp import Llama, _internals
 
-    llm = Llama(model_path=str(bundled.smollm2_gguf()), n_ctx=256, n_threads=threads,
+    llm = Llama(model_path=gguf, n_ctx=256, n_threads=threads,
                 verbose=False)
     p = llama_cpp.llama_context_default_params()
     p.n_ctx, p.n_batch, p.n_ubatch = 4096, 512, 512
@@ -165,11 +184,12 @@ def _on_openai_line(s: Stream, line: str) -> None:
         s.t_last = now
 
 
-def start_llama_server(tmp: Path, threads: int, timeout_s: float = 120) -> LocalServer:
+def start_llama_server(tmp: Path, threads: int, gguf: str,
+                       timeout_s: float = 120) -> LocalServer:
     """``python -m llama_cpp.server`` on a free port, with an API key; once it answers."""
     token, port = secrets.token_hex(16), free_port()
     log_path = tmp / f"llama-server-{port}.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled.smollm2_gguf()),
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf,
            "--n_threads", str(threads), "--n_threads_batch", str(threads),
            "--n_ctx", str(N_CTX), "--host", "127.0.0.1", "--port", str(port),
            "--api_key", token, "--interrupt_requests", "False", "--verbose", "False"]
@@ -219,17 +239,18 @@ def bench_embed_singles(srv: LocalServer, texts: list[str], reps: int) -> tuple[
 
 
 # -- grammar-constrained generation ------------------------------------------------
-def bench_grammar(srv: LocalServer, max_tokens: int, reps: int) -> dict[str, list[Stream]]:
+def bench_grammar(srv: LocalServer, max_tokens: int, reps: int,
+                  path: str) -> dict[str, list[Stream]]:
     bodies = {"free": chat_body(JSON_PROMPT, max_tokens, temperature=0.7),
               "json_schema": chat_body(JSON_PROMPT, max_tokens, temperature=0.7,
                                        response_format=RESPONSE_FORMAT)}
     out: dict[str, list[Stream]] = {k: [] for k in bodies}
     with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=300) as client:
         for body in bodies.values():
-            served_stream(client, body)  # warm-up
+            served_stream(client, body, path)  # warm-up
         for i in range(reps):  # interleaved, so drifting load hits both alike
             for kind, body in bodies.items():
-                s = served_stream(client, body)
+                s = served_stream(client, body, path)
                 out[kind].append(s)
                 console.log(f"grammar {kind:11s} rep {i + 1}/{reps}: {s.tokens} tok, "
                             f"{s.decode_tps:.1f} tok/s, TTFT {s.ttft_ms:.0f} ms")
@@ -324,9 +345,12 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.7,
                     help="chat streams' temperature (0 = greedy: fmserve then evaluates every "
                          "prompt in full, for reproducible answers)")
+    ap.add_argument("--gguf", help="chat model file for every chat row (default: the bundled "
+                    "SmolLM2 Q4_1); fmserve serves it as its own endpoint")
     ap.add_argument("--skip-llama-server", action="store_true",
                     help="no llama_cpp.server baseline (e.g. without the bench extra)")
     args = ap.parse_args()
+    args.gguf = str(Path(args.gguf).resolve()) if args.gguf else str(bundled.smollm2_gguf())
     args.reps = args.reps or (2 if args.quick else 5)
     args.max_tokens = args.max_tokens or (24 if args.quick else 64)
     args.texts = args.texts or (128 if args.quick else 640)
@@ -335,6 +359,7 @@ def main() -> int:
     info = Table(title="machine", show_header=False, box=box.MARKDOWN)
     for k, v in machine_info(args.threads):
         info.add_row(k, v)
+    info.add_row("chat rows' model file", Path(args.gguf).name)
     console.print(info)
     texts = embed_texts(args.texts)
     if not args.skip_llama_server:  # fail now, not after the fmserve half
@@ -343,7 +368,7 @@ def main() -> int:
     console.rule("direct embeddings (no server running)")
     e_direct = isolated(bench_direct_embed, args.threads, texts, args.reps)
     console.rule("bare llama_decode (no server running)")
-    kernel = isolated(bench_decode_kernel, args.threads, 8 if args.quick else 32)
+    kernel = isolated(bench_decode_kernel, args.threads, 8 if args.quick else 32, args.gguf)
 
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so a running server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -353,10 +378,11 @@ def main() -> int:
         console.rule("fmserve")
         srv: LocalServer = start_server(tmp, args.threads)
         try:
+            chat_path = chat_endpoint(srv, args.gguf)
             bench_concurrency(fm, srv, args.max_tokens, rounds, levels=LEVELS,
-                              temperature=args.temperature)
+                              temperature=args.temperature, path=chat_path)
             e_served, e_p50 = bench_embed_singles(srv, texts, args.reps)
-            gram = bench_grammar(srv, args.max_tokens * 3 // 2, args.reps)
+            gram = bench_grammar(srv, args.max_tokens * 3 // 2, args.reps, chat_path)
         except BaseException:
             console.print(f"[red]server log:[/red]\n{srv.log()[-4000:]}")
             raise
@@ -365,7 +391,7 @@ def main() -> int:
         if not args.skip_llama_server:
             console.rule("llama_cpp.server (one request at a time)")
             ll = Results()
-            lsrv = start_llama_server(tmp, args.threads)
+            lsrv = start_llama_server(tmp, args.threads, args.gguf)
             try:
                 bench_concurrency(ll, lsrv, args.max_tokens, rounds, levels=LEVELS,
                                   label="llama_cpp.server", temperature=args.temperature,

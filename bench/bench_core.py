@@ -344,9 +344,10 @@ def _on_sse_line(s: Stream, line: str) -> None:
         s.t_last = now
 
 
-def served_stream(client: httpx.Client, body: dict[str, Any]) -> Stream:
+def served_stream(client: httpx.Client, body: dict[str, Any],
+                  path: str = f"/serving-endpoints/{CHAT}/invocations") -> Stream:
     s = Stream(time.perf_counter())
-    with client.stream("POST", f"/serving-endpoints/{CHAT}/invocations", json=body) as r:
+    with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             r.read()
             raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
