@@ -26,8 +26,8 @@ copies it. A finished request leaves its KV cells in place, tagged with
 its slot's sequence id; the ``prefix_cache_slots`` (default 2) most recently
 finished ones are kept. Few, because every decode step attends over every used
 cell of the unified cache, masked or not: eight stale 120-token prefixes cost the
-bundled model ~10 % of its decode speed. A new request takes the free slot whose cached tokens
-share the longest prefix with its prompt (or, when a running sequence shares a
+bundled model ~10 % of its decode speed. A new request takes the free slot whose
+cached tokens share the longest prefix with its prompt (or, when a running sequence shares a
 longer one, copies that sequence's cells — ``llama_memory_seq_cp``, which in the
 unified cache only tags the cells) and evaluates only the rest of the prompt.
 Multi-turn chats, which re-send the whole history, thus prefill only the new
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmserve.engines.llama_engine import LlamaEngine
-from fmserve.engines.sampling import build_sampler
+from fmserve.engines.sampling import build_sampler, reproducible
 from fmserve.engines.textstream import TokenOutput
 
 Emit = Callable[[dict[str, Any]], None]
@@ -110,7 +110,6 @@ class BatchedLlamaEngine(LlamaEngine):
         import llama_cpp
         from llama_cpp import _internals
 
-        self._internals = _internals
         self.max_seqs = int(spec.get("max_seqs") or 8)
         self.n_batch = int(spec.get("n_batch") or 512)
         self.prefill_chunk = max(1, min(int(spec.get("prefill_chunk") or 64), self.n_batch))
@@ -203,8 +202,7 @@ class BatchedLlamaEngine(LlamaEngine):
         if prepared is None:
             return None
         tokens, params, room, grammar = prepared
-        reproducible = params.get("seed") is not None or params.get("temperature") == 0
-        return _Prepared(msg, tokens, params, room, grammar, reproducible)
+        return _Prepared(msg, tokens, params, room, grammar, reproducible(params))
 
     @staticmethod
     def _follows(req: _Prepared, active: Any) -> bool:

@@ -21,13 +21,16 @@ from typing import Any
 
 from fmserve.engines.logprobs import LogprobReader
 from fmserve.engines.reasoning import think_prompt
+from fmserve.engines.sampling import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    reproducible,
+)
 from fmserve.engines.textstream import TokenOutput
 
 Emit = Callable[[dict[str, Any]], None]
 
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_P = 1.0
-DEFAULT_TOP_K = 40
 
 
 class LlamaEngine:
@@ -175,7 +178,7 @@ class LlamaEngine:
         seed = params.get("seed")
         self.llm.set_seed(int(seed) if seed is not None else random.getrandbits(31))
         temp = params.get("temperature")
-        if seed is not None or (temp is not None and float(temp) == 0.0):
+        if reproducible(params):
             # Reproducible output was asked for (greedy, or a seed): evaluate the
             # prompt from scratch. A KV-cache prefix hit evaluates the prompt's tail
             # in a different batch shape, and those logits differ in the last bits,

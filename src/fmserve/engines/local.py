@@ -67,8 +67,9 @@ def logprobs_param(req: SamplingParams, chat: bool) -> int | None:
     return (top or 0) if want else None
 
 
-def sampling_params(req: SamplingParams) -> dict[str, Any]:
-    """The engine's ``params`` from request fields and ``extra_params``.
+def sampling_params(req: SamplingParams, chat: bool) -> dict[str, Any]:
+    """The engine's ``params`` from request fields and ``extra_params`` (and
+    ``logprobs``: alternatives per token, see :func:`logprobs_param`).
 
     Raises:
         InvalidParameterValue: an ``extra_params`` key the engine cannot honour.
@@ -91,7 +92,14 @@ def sampling_params(req: SamplingParams) -> dict[str, Any]:
                 f"extra_params.{key} is not supported by local llama.cpp models; "
                 f"supported: {', '.join(sorted(_EXTRA_SAMPLING))}.")
         params[key] = [value] if key == "stop" and isinstance(value, str) else value
+    top = logprobs_param(req, chat)
+    if top is not None:
+        params["logprobs"] = top
     return params
+
+
+def _wants_logprobs(ops: list[dict[str, Any]]) -> bool:
+    return bool(ops) and ops[0]["params"].get("logprobs") is not None
 
 
 class _Choice:
@@ -139,7 +147,7 @@ class LlamaBackend(Backend):
             for op in ops:
                 op["params"] = {**op["params"], "no_think": True}
             return False
-        if ops and ops[0]["params"].get("logprobs") is not None:
+        if _wants_logprobs(ops):
             raise InvalidParameterValue(
                 f"'logprobs' is not available while '{self.name}' thinks; send "
                 "reasoning_effort 'none' (or thinking disabled) to get logprobs.")
@@ -179,21 +187,15 @@ class LlamaBackend(Backend):
                 "response_format json_object/json_schema cannot be combined with tools on "
                 f"'{self.name}'; use tool_choice 'none' or drop response_format.")
         messages = render_history(self._chat_messages(req), plan)
-        params = sampling_params(req)
+        params = sampling_params(req, chat=True)
         grammar = plan.grammar() or fmt_grammar
         if grammar:
             params["grammar"] = grammar
-        top = logprobs_param(req, chat=True)
-        if top is not None:
-            params["logprobs"] = top
         return [{"op": "generate", "messages": messages, "params": _nth(params, j)}
                 for j in range(req.n)]
 
     def _completion_ops(self, req: CompletionRequest) -> list[dict[str, Any]]:
-        params = sampling_params(req)
-        top = logprobs_param(req, chat=False)
-        if top is not None:
-            params["logprobs"] = top
+        params = sampling_params(req, chat=False)
         return [{"op": "generate", "prompt": p, "params": _nth(params, j)}
                 for p in req.prompts() for j in range(req.n)]
 
@@ -230,7 +232,7 @@ class LlamaBackend(Backend):
         budget = self._reasoning(req, plan, ops)
         if budget is not False:
             return await reasoned_chat(self.worker.submit, ops, budget or None)
-        want_lp = ops[0]["params"].get("logprobs") is not None
+        want_lp = _wants_logprobs(ops)
         choices = await self._submit(ops)
         await self._run_all(choices)
         out = []
@@ -255,7 +257,7 @@ class LlamaBackend(Backend):
 
     async def complete(self, req: CompletionRequest) -> dict[str, Any]:
         ops = self._completion_ops(req)
-        want_lp = ops[0]["params"].get("logprobs") is not None
+        want_lp = _wants_logprobs(ops)
         choices = await self._submit(ops)
         await self._run_all(choices)
         return {
@@ -290,7 +292,7 @@ class LlamaBackend(Backend):
         cached_tokens = 0
         completion_tokens = 0  # cumulative over the request
         finished_tokens = 0  # tokens of choices already finished
-        want_lp = bool(ops) and ops[0]["params"].get("logprobs") is not None
+        want_lp = _wants_logprobs(ops)
         sent_chars = 0  # generated characters of the current choice (text_offset)
 
         def chunk(c: _Choice, delta: dict[str, Any] | None, text: str | None,

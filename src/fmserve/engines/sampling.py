@@ -28,6 +28,13 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_TOP_K = 40
 
 
+def reproducible(params: dict[str, Any]) -> bool:
+    """Greedy (temperature 0) or seeded: the answer must not depend on earlier requests,
+    so the engines evaluate such a prompt in full instead of reusing cached cells."""
+    temp = params.get("temperature")
+    return params.get("seed") is not None or (temp is not None and float(temp) == 0.0)
+
+
 def build_sampler(model: Any, n_vocab: int, params: dict[str, Any], grammar: Any) -> Any:
     """A sampler for one sequence: ``sample(ctx, idx) -> token`` (accepts the token
     into its state) and ``close()``. ``grammar`` is a compiled ``LlamaGrammar`` or None.
