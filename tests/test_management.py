@@ -579,6 +579,9 @@ INVALID_CREATES = [
         "external_model cannot be combined", id="external-and-local"),
     pytest.param({"name": "mgmt-bad", "config": {"served_entities": "nope"}},
                  "served_entities", id="entities-not-a-list"),
+    pytest.param({"name": "mgmt-bad", "config": {"served_entities": [{
+        **_one(), "environment_vars": {"FMSERVE_LLAMA_WEIGHTS": "q3_zz"}}]}},
+        "FMSERVE_LLAMA_WEIGHTS", id="unknown-weights-type"),
 ]
 
 

@@ -34,6 +34,10 @@ class ServerConfig:
             batching); 1 = one at a time.
         llama_prefill_chunk: prompt tokens a batched llama.cpp worker evaluates per step
             while other requests are decoding (bounds their pause during a long prefill).
+        llama_weights: the weights every llama.cpp worker loads (``gguf`` = the file as
+            is, ``16bit``, ``bf16``, ``q8_0``, ... see ``engines/weights.py``); empty = each
+            model's default (the bundled SmolLM2: ``16bit``; a user's GGUF: ``gguf``). A
+            served entity's ``environment_vars.FMSERVE_LLAMA_WEIGHTS`` overrides it.
         sync_interval_s: how often (s) to pick up endpoint changes made by other
             server processes sharing the database.
         scale_to_zero_idle_s: idle seconds before a scale-to-zero entity stops its workers.
@@ -56,6 +60,7 @@ class ServerConfig:
     llama_max_seqs: int = field(default_factory=lambda: _env_int("FMSERVE_LLAMA_MAX_SEQS", 8))
     llama_prefill_chunk: int = field(
         default_factory=lambda: _env_int("FMSERVE_LLAMA_PREFILL_CHUNK", 64))
+    llama_weights: str = field(default_factory=lambda: os.environ.get("FMSERVE_LLAMA_WEIGHTS", ""))
     sync_interval_s: float = 2.0
     scale_to_zero_idle_s: float = field(
         default_factory=lambda: float(os.environ.get("FMSERVE_SCALE_TO_ZERO_IDLE_S") or 900))

@@ -1,7 +1,9 @@
 """llama.cpp engine (runs inside a worker process), via llama-cpp-python.
 
-Spec options: ``model_path`` (GGUF), ``n_ctx`` (tokens, default: the model's
-training context), ``n_threads`` (default: all cores), ``n_batch`` (tokens).
+Spec options: ``model_path`` (GGUF), ``weights`` (``gguf`` = the file as is, or a
+tensor type to load a converted copy of, see :mod:`fmserve.engines.weights`),
+``n_ctx`` (tokens, default: the model's training context), ``n_threads`` (default:
+all cores), ``n_batch`` (tokens).
 
 Chat prompts are rendered with the GGUF's own ``tokenizer.chat_template``
 (llama-cpp-python's ``Jinja2ChatFormatter``); completions prompts are raw text.
@@ -28,9 +30,9 @@ from fmserve.engines.sampling import (
     reproducible,
 )
 from fmserve.engines.textstream import TokenOutput
+from fmserve.engines.weights import prepare as prepare_weights
 
 Emit = Callable[[dict[str, Any]], None]
-
 
 
 class LlamaEngine:
@@ -40,8 +42,9 @@ class LlamaEngine:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._lib = llama_cpp
-        path = spec["model_path"]
         threads = int(spec.get("n_threads") or os.cpu_count() or 1)
+        self.weights = spec.get("weights") or "gguf"
+        path = prepare_weights(spec["model_path"], self.weights, threads=threads)
         probe_ctx = int(spec.get("n_ctx") or 0)
         self.llm = Llama(
             model_path=path,
@@ -67,7 +70,8 @@ class LlamaEngine:
             else None
         )
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
-        self.model_name = meta.get("general.name") or os.path.basename(path)
+        self.model_name = meta.get("general.name") or os.path.basename(spec["model_path"])
+        self.model_file = os.path.basename(path)
         self.threads = threads
         self.reasoning = bool(template and "<think>" in template)
         self._grammars: dict[str, Any] = {}
@@ -84,6 +88,7 @@ class LlamaEngine:
         return {
             "engine": "llama_cpp",
             "model": self.model_name,
+            "weights": self.model_file,
             "n_ctx": self.n_ctx,
             "n_threads": self.threads,
             "chat_template": self.formatter is not None,

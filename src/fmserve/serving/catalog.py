@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmserve.engines import bundled
+from fmserve.engines.weights import ENV_VAR as WEIGHTS_VAR
+from fmserve.engines.weights import check_weights
 from fmserve.errors import InvalidParameterValue
 from fmserve.protocol.endpoints import FoundationModel
 
@@ -26,6 +28,7 @@ class ModelSource:
     task: str
     foundation_model: FoundationModel | None = None
     throughput_chunk_size: int | None = None  # tokens/s one worker replica sustains
+    weights: str = "gguf"  # llama.cpp weights to load by default (engines/weights.py)
 
 
 # Provisioned-throughput step sizes (tokens/s per worker replica), rounded down from
@@ -44,10 +47,11 @@ SYSTEM_MODELS = {
     "smollm2-135m-instruct": lambda: ModelSource(
         "llama_cpp", str(bundled.smollm2_gguf()), TASK_CHAT,
         FoundationModel(name="smollm2-135m-instruct", display_name="SmolLM2 135M Instruct",
-                        description="Hugging Face SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF on "
-                                    "llama.cpp.",
+                        description="Hugging Face SmolLM2-135M-Instruct on llama.cpp: the "
+                                    "shipped 4-bit (Q4_1) GGUF, served as a lossless 16-bit "
+                                    "copy, which batches concurrent requests far better.",
                         docs="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
-        SMOLLM2_CHUNK),
+        SMOLLM2_CHUNK, weights="16bit"),
     "all-minilm-l6-v2": lambda: ModelSource(
         "sentence_transformers", str(bundled.minilm_folder()), TASK_EMBEDDINGS,
         FoundationModel(name="all-minilm-l6-v2", display_name="all-MiniLM-L6-v2",
@@ -83,6 +87,21 @@ def resolve(entity_name: str | None) -> ModelSource:
     raise InvalidParameterValue(
         f"Unknown entity_name '{entity_name}': use system.ai.<model>, a path to a .gguf file "
         "(chat/completions) or to a sentence-transformers folder (embeddings).")
+
+
+def llama_weights(environment_vars: dict[str, str] | None, server_default: str,
+                  source: ModelSource) -> str:
+    """The weights a llama.cpp entity loads (``engines/weights.py``): the entity's
+    ``environment_vars.FMSERVE_LLAMA_WEIGHTS``, else the server's, else the model's.
+
+    Raises:
+        InvalidParameterValue: 400 for a value that names no weights type.
+    """
+    value = (environment_vars or {}).get(WEIGHTS_VAR) or server_default or source.weights
+    try:
+        return check_weights(value)
+    except ValueError as e:
+        raise InvalidParameterValue(str(e)) from None
 
 
 def replicas_for(inp_min_pt: int | None, inp_max_pt: int | None, workload_size: str | None,

@@ -41,6 +41,7 @@ from fmserve.serving.catalog import (  # noqa: F401 - re-exported task names
     TASK_COMPLETIONS,
     TASK_EMBEDDINGS,
     ModelSource,
+    llama_weights,
     replicas_for,
     resolve,
 )
@@ -104,6 +105,8 @@ def build_entity(endpoint: str, inp: ServedEntityInput, source: ModelSource,
         spec: dict[str, Any] = {"engine": "llama_cpp", "model_path": source.path,
                                 "n_ctx": cfg.n_ctx, "max_seqs": cfg.llama_max_seqs,
                                 "prefill_chunk": cfg.llama_prefill_chunk,
+                                "weights": llama_weights(inp.environment_vars,
+                                                         cfg.llama_weights, source),
                                 "n_threads": cfg.llama_threads or max(1, cores // hi)}
     else:
         spec = {"engine": "sentence_transformers", "model_path": source.path,
