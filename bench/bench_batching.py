@@ -12,8 +12,10 @@ Everything runs in one process tree on the same model files and thread count
 SSE timing, concurrency rounds, direct embeddings, machine info) come from
 ``bench_core.py``; the definitions below are the same as there.
 
-1. **Chat, concurrent streams** - SmolLM2-135M-Instruct (the bundled Q4_1 GGUF) at
-   1, 4, 8 and 16 concurrent streaming requests (asyncio + ``httpx.AsyncClient``,
+1. **Chat, concurrent streams** - SmolLM2-135M-Instruct as the bundled endpoint
+   serves it (a 16-bit copy of the shipped Q4_1 GGUF; ``--weights gguf`` for the
+   4-bit file itself, ``--gguf`` for another model), every chat row on that same file,
+   at 1, 4, 8 and 16 concurrent streaming requests (asyncio + ``httpx.AsyncClient``,
    distinct prompts, ``--temperature`` (default 0.7: sampled, as chat traffic is;
    both servers then reuse the cached chat-template prefix), ``max_tokens`` = N):
    aggregate tokens/s = all tokens / wall time of the round (prefill included), and
@@ -68,7 +70,9 @@ import orjson
 from rich import box
 from rich.table import Table
 
-from fmserve.engines import bundled
+from fmserve.engines import bundled, weights
+from fmserve.engines.weights import check_weights
+from fmserve.serving.catalog import SYSTEM_MODELS
 from fmserve.testing import LocalServer, free_port, wait_until_up
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -92,6 +96,7 @@ from bench_core import (  # noqa: E402
 )
 
 LEVELS = (1, 4, 8, 16)
+BUNDLED_WEIGHTS = SYSTEM_MODELS["smollm2-135m-instruct"]().weights  # "16bit"
 CLIENTS = 32
 JSON_PROMPT = ("Describe a fictional person as a JSON object with the fields name, age, "
                "hobbies (a list of strings) and city. Answer with the JSON only.")
@@ -110,15 +115,19 @@ RESPONSE_FORMAT = {"type": "json_schema",
                    "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
 
 
-def chat_endpoint(srv: LocalServer, gguf: str, timeout_s: float = 300) -> str:
-    """The invocations path for ``gguf``: the bundled chat endpoint, or a new endpoint
-    serving that file (created through the management API, ready when this returns)."""
-    if Path(gguf) == bundled.smollm2_gguf():
+def chat_endpoint(srv: LocalServer, gguf: str, weights_type: str,
+                  timeout_s: float = 300) -> str:
+    """The invocations path serving ``gguf`` as ``weights_type`` (FMSERVE_LLAMA_WEIGHTS):
+    the bundled chat endpoint when that is what it serves, else a new endpoint (created
+    through the management API, ready when this returns)."""
+    if Path(gguf) == bundled.smollm2_gguf() and weights_type == BUNDLED_WEIGHTS:
         return f"/serving-endpoints/{CHAT}/invocations"
     name = "bench-gguf"
     with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=60) as c:
         r = c.post("/api/2.0/serving-endpoints", json={
-            "name": name, "config": {"served_entities": [{"entity_name": gguf}]}})
+            "name": name, "config": {"served_entities": [{
+                "entity_name": gguf,
+                "environment_vars": {"FMSERVE_LLAMA_WEIGHTS": weights_type}}]}})
         r.raise_for_status()
         deadline = time.monotonic() + timeout_s
         while c.get(f"/api/2.0/serving-endpoints/{name}").json()["state"]["ready"] != "READY":
@@ -346,11 +355,18 @@ def main() -> int:
                     help="chat streams' temperature (0 = greedy: fmserve then evaluates every "
                          "prompt in full, for reproducible answers)")
     ap.add_argument("--gguf", help="chat model file for every chat row (default: the bundled "
-                    "SmolLM2 Q4_1); fmserve serves it as its own endpoint")
+                    "SmolLM2 Q4_1 GGUF)")
+    ap.add_argument("--weights", default=BUNDLED_WEIGHTS,
+                    help="what every chat row loads from that file (FMSERVE_LLAMA_WEIGHTS: gguf "
+                         "= as is, 16bit, bf16, f16, q8_0, ...; default %(default)s, what the "
+                         "bundled endpoint serves); other than the bundled default, fmserve "
+                         "serves it as its own endpoint")
     ap.add_argument("--skip-llama-server", action="store_true",
                     help="no llama_cpp.server baseline (e.g. without the bench extra)")
     args = ap.parse_args()
     args.gguf = str(Path(args.gguf).resolve()) if args.gguf else str(bundled.smollm2_gguf())
+    args.weights = check_weights(args.weights)
+    model_file = weights.prepare(args.gguf, args.weights, threads=args.threads)
     args.reps = args.reps or (2 if args.quick else 5)
     args.max_tokens = args.max_tokens or (24 if args.quick else 64)
     args.texts = args.texts or (128 if args.quick else 640)
@@ -360,6 +376,7 @@ def main() -> int:
     for k, v in machine_info(args.threads):
         info.add_row(k, v)
     info.add_row("chat rows' model file", Path(args.gguf).name)
+    info.add_row("chat rows' weights (loaded file)", f"{args.weights} ({Path(model_file).name})")
     console.print(info)
     texts = embed_texts(args.texts)
     if not args.skip_llama_server:  # fail now, not after the fmserve half
@@ -368,7 +385,7 @@ def main() -> int:
     console.rule("direct embeddings (no server running)")
     e_direct = isolated(bench_direct_embed, args.threads, texts, args.reps)
     console.rule("bare llama_decode (no server running)")
-    kernel = isolated(bench_decode_kernel, args.threads, 8 if args.quick else 32, args.gguf)
+    kernel = isolated(bench_decode_kernel, args.threads, 8 if args.quick else 32, model_file)
 
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so a running server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -378,7 +395,7 @@ def main() -> int:
         console.rule("fmserve")
         srv: LocalServer = start_server(tmp, args.threads)
         try:
-            chat_path = chat_endpoint(srv, args.gguf)
+            chat_path = chat_endpoint(srv, args.gguf, args.weights)
             bench_concurrency(fm, srv, args.max_tokens, rounds, levels=LEVELS,
                               temperature=args.temperature, path=chat_path)
             e_served, e_p50 = bench_embed_singles(srv, texts, args.reps)
@@ -391,7 +408,7 @@ def main() -> int:
         if not args.skip_llama_server:
             console.rule("llama_cpp.server (one request at a time)")
             ll = Results()
-            lsrv = start_llama_server(tmp, args.threads, args.gguf)
+            lsrv = start_llama_server(tmp, args.threads, model_file)
             try:
                 bench_concurrency(ll, lsrv, args.max_tokens, rounds, levels=LEVELS,
                                   label="llama_cpp.server", temperature=args.temperature,

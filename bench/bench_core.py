@@ -8,7 +8,9 @@ Run by hand (not a test)::
 What it measures, in one run, on the same model files and the same thread count
 (``--threads``, default 2 = this machine's cores):
 
-1. **Chat decode, single stream** - SmolLM2-135M-Instruct (the bundled Q4_1 GGUF).
+1. **Chat decode, single stream** - SmolLM2-135M-Instruct, the weights file the
+   bundled endpoint loads (a 16-bit copy of the shipped Q4_1 GGUF,
+   :func:`bundled_chat_file`).
 
    *direct*: ``llama_cpp.Llama(model_path, n_ctx=8192, n_threads=T)`` in this
    process; the prompt is rendered exactly as fmserve's llama engine renders it
@@ -86,7 +88,8 @@ import orjson  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fmserve.engines import bundled  # noqa: E402
+from fmserve.engines import bundled, weights  # noqa: E402
+from fmserve.serving.catalog import SYSTEM_MODELS  # noqa: E402
 from fmserve.testing import LocalServer, stop_server  # noqa: E402
 from fmserve.testing import start_server as _start_server  # noqa: E402
 
@@ -143,7 +146,7 @@ def machine_info(threads: int) -> list[tuple[str, str]]:
         ("llama-cpp-python / torch / sentence-transformers",
          f"{version('llama-cpp-python')} / {version('torch')} / "
          f"{version('sentence-transformers')}"),
-        ("chat model", str(bundled.smollm2_gguf().name)),
+        ("chat model (loaded file)", Path(bundled_chat_file()).name),
         ("embeddings model", "all-MiniLM-L6-v2"),
     ]
 
@@ -194,6 +197,13 @@ class Results:
 
 
 # -- direct llama.cpp ------------------------------------------------------------
+def bundled_chat_file() -> str:
+    """The GGUF the bundled chat endpoint loads: the shipped file under the model's
+    default ``FMSERVE_LLAMA_WEIGHTS`` (made and cached on first use)."""
+    default = SYSTEM_MODELS["smollm2-135m-instruct"]().weights
+    return weights.prepare(str(bundled.smollm2_gguf()), default)
+
+
 def bench_direct_llm(threads: int, max_tokens: int, reps: int
                      ) -> tuple[list[Stream], list[Stream], list[Stream]]:
     """Runs in a fresh process (see :func:`isolated`)."""
@@ -201,7 +211,7 @@ def bench_direct_llm(threads: int, max_tokens: int, reps: int
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    llm = Llama(model_path=str(bundled.smollm2_gguf()), n_ctx=N_CTX, n_threads=threads,
+    llm = Llama(model_path=bundled_chat_file(), n_ctx=N_CTX, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
     meta = llm.metadata
 
