@@ -52,6 +52,24 @@ SEQUENCES = [("1, 2, 3, 4,", "5"), ("a, b, c, d,", "e"), ("Monday, Tuesday, Wedn
              "Thursday"), ("January, February, March,", "April"), ("10, 20, 30, 40,", "50")]
 
 
+def test_embedding_batches_split_evenly_over_compute_threads() -> None:
+    from fmserve.engines.embed_engine import split_sorted
+
+    def cost(lengths: list[int], cut: tuple[int, int]) -> int:
+        return (cut[1] - cut[0]) * lengths[cut[1] - 1]
+
+    lengths = sorted([7] * 20 + [9] * 8 + [30] * 4)  # 32 requests, a few long texts
+    cuts = split_sorted(lengths, 2, 64)
+    assert len(cuts) == 2 and cuts[0][0] == 0 and cuts[-1][1] == 32
+    assert cuts[0][1] == cuts[1][0]  # contiguous, every text once
+    best = min(max(cost(lengths, (0, i)), cost(lengths, (i, 32))) for i in range(1, 32))
+    assert max(cost(lengths, c) for c in cuts) == best == 225  # 16/16 by count: 480
+    assert split_sorted([5] * 32, 2, 64) == [(0, 16), (16, 32)]
+    assert split_sorted([3], 4, 64) == [(0, 1)] and split_sorted([], 2, 64) == []
+    big = split_sorted(list(range(1, 201)), 2, 64)  # more than threads x batch_size
+    assert big == [(0, 64), (64, 128), (128, 192), (192, 200)]
+
+
 def _post(server: Server, path: str, body: dict) -> dict:  # type: ignore[type-arg]
     with server.client() as c:
         r = c.post(path, json={"model": CHAT, **body})

@@ -7,10 +7,9 @@ waits for company, default 3 ms, again after each arrival, up to 8x in all). Loa
 offline (``HF_HUB_OFFLINE=1``). Vectors are float32; whether the model normalizes
 them (a ``Normalize`` module in its pipeline) is reported in :meth:`info`.
 
-Threads: ``n_threads`` compute threads, each running torch ops single-threaded, and
-``batch_loops`` (= ``n_threads``) batch loops in the worker, so one batch computes
-while the next gathers. A batch is cut into groups of texts of similar token length
-(little padding) that spread over the compute threads. BERT-sized ops are too small
+Threads: ``n_threads`` compute threads, each running torch ops single-threaded. A
+batch is sorted by token length and cut into one slice of even padded cost per
+compute thread (:func:`split_sorted`). BERT-sized ops are too small
 for torch's intra-op threads to scale, and their barriers stall whenever the server
 process takes a core: on 2 cores with 32 concurrent one-text clients, 2 intra-op
 threads gave 118 texts/s (``bench/bench_batching.py``).
@@ -19,7 +18,6 @@ threads gave 118 texts/s (``bench/bench_batching.py``).
 from __future__ import annotations
 
 import base64
-import math
 import os
 import threading
 from collections.abc import Callable
@@ -42,7 +40,6 @@ class EmbeddingEngine:
         threads = int(spec.get("n_threads") or os.cpu_count() or 1)
         torch.set_num_threads(1)
         self.threads = threads
-        self.batch_loops = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="fmserve-embed")
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not thread-safe
         self.model = SentenceTransformer(spec["model_path"], device="cpu")
@@ -86,25 +83,17 @@ class EmbeddingEngine:
         """(float32 vectors, len(texts) x dim; token counts per text), in input order.
 
         Texts are tokenized once (truncated to ``max_seq_length``), sorted by length
-        and cut into groups whose longest text is at most 1.25x + 2 tokens the
-        shortest, of at most ``batch_size`` texts and, when there is enough work,
-        into at least ``n_threads`` groups; the groups run on the thread pool.
+        and cut into groups (:func:`split_sorted`) that run on the compute threads.
         """
         with self._tokenizer_lock:  # padded to the longest text, truncated
             feats = self.model.tokenize(texts)
         lengths = feats["attention_mask"].sum(dim=1).numpy()
-        order = np.argsort(lengths, kind="stable").tolist()
-        cap = max(1, min(self.batch_size, math.ceil(len(texts) / self.threads)))
-        groups, i = [], 0
-        while i < len(order):
-            j, limit = i + 1, lengths[order[i]] * 1.25 + 2
-            while j < len(order) and j - i < cap and lengths[order[j]] <= limit:
-                j += 1
-            groups.append(order[i:j])
-            i = j
+        order = np.argsort(lengths, kind="stable")
+        groups = split_sorted(lengths[order].tolist(), self.threads, self.batch_size)
         out = np.empty((len(texts), self.dim), dtype="<f4")
-        parts = [self._rows(feats, g, int(lengths[g].max())) for g in groups]
-        for g, vecs in zip(groups, self._pool.map(self._forward, parts), strict=True):
+        rows = [order[a:b].tolist() for a, b in groups]
+        parts = [self._rows(feats, g, int(lengths[g].max())) for g in rows]
+        for g, vecs in zip(rows, self._pool.map(self._forward, parts), strict=True):
             out[g] = vecs
         return out, lengths
 
@@ -118,3 +107,41 @@ class EmbeddingEngine:
     def _forward(self, features: dict[str, Any]) -> Any:
         with self._torch.inference_mode():
             return self.model.forward(features)["sentence_embedding"].float().numpy()
+
+
+def split_sorted(lengths: list[int], threads: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` slices of ascending token ``lengths`` to run as forward
+    passes on ``threads`` threads, each padded to its longest text.
+
+    Up to ``threads * batch_size`` texts: ``threads`` contiguous slices whose padded
+    costs (texts x longest length, in tokens) are as even as possible, so every
+    thread finishes together (a batch of 32 requests, split 16/16 by count, left one
+    thread idle for a third of the time when one half held the long texts). More
+    texts: slices of ``batch_size``, which the pool balances by itself.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    if n > threads * batch_size:
+        return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    k = max(1, min(threads, n))
+
+    def cuts(limit: int) -> list[tuple[int, int]] | None:
+        """Greedy: the longest slices whose padded cost stays within ``limit``."""
+        out, a = [], 0
+        while a < n:
+            b = a + 1
+            while b < n and (b + 1 - a) * lengths[b] <= limit:
+                b += 1
+            out.append((a, b))
+            a = b
+        return out if len(out) <= k else None
+
+    lo, hi = max(lengths, default=0), n * max(lengths, default=0)
+    while lo < hi:  # the smallest max-cost that k slices can achieve
+        mid = (lo + hi) // 2
+        if cuts(mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return cuts(lo) or [(0, n)]

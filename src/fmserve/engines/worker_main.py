@@ -114,14 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(engine, "run"):  # the engine schedules requests itself (continuous batching)
         engine.run(inbox, cancelled, chan.send)
         return 0
-    if hasattr(engine, "handle_batch"):  # dynamic batching, batch_loops batches at a time
-        loops = [threading.Thread(target=_batch_loop, args=(engine, inbox, cancelled, chan.send),
-                                  name=f"fmserve-batch-{i}", daemon=True)
-                 for i in range(int(getattr(engine, "batch_loops", 1)))]
-        for t in loops:
-            t.start()
-        for t in loops:
-            t.join()
+    if hasattr(engine, "handle_batch"):  # dynamic batching
+        _batch_loop(engine, inbox, cancelled, chan.send)
         return 0
     while True:
         msg = inbox.get()
@@ -141,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _batch_loop(engine: Any, inbox: queue.Queue[dict[str, Any] | None], cancelled: CancelSet,
                 send: Any) -> None:
-    """Takes a batch off the inbox, runs it, repeats. With several loops, one batch is
-    computed while the next gathers (the engine shares its compute threads)."""
+    """Takes a batch off the inbox, runs it, repeats.
+
+    One loop: with two (one batch computing while the next gathers), 32 one-text
+    clients split into batches of ~16 that ran less efficiently and were slower in
+    all: 262 against 297 texts/s (``bench/bench_batching.py``'s embeddings row).
+    """
     while True:
         msg = inbox.get()
         if msg is None:
-            inbox.put(None)  # the other loops stop too
             return
         if cancelled.pop(msg["id"]):
             continue
