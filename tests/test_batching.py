@@ -53,17 +53,27 @@ SEQUENCES = [("1, 2, 3, 4,", "5"), ("a, b, c, d,", "e"), ("Monday, Tuesday, Wedn
 
 
 def test_embedding_batches_split_evenly_over_compute_threads() -> None:
-    from fmserve.engines.embed_engine import split_sorted
+    from fmserve.engines.embed_engine import FORWARD_OVERHEAD_TOKENS, split_sorted
 
     def cost(lengths: list[int], cut: tuple[int, int]) -> int:
-        return (cut[1] - cut[0]) * lengths[cut[1] - 1]
+        return (cut[1] - cut[0]) * lengths[cut[1] - 1] + FORWARD_OVERHEAD_TOKENS
+
+    def finish(lengths: list[int], cuts: list[tuple[int, int]]) -> int:
+        loads = [0, 0]  # two threads, each takes the next slice when free
+        for c in cuts:
+            loads[loads.index(min(loads))] += cost(lengths, c)
+        return max(loads)
 
     lengths = sorted([7] * 20 + [9] * 8 + [30] * 4)  # 32 requests, a few long texts
     cuts = split_sorted(lengths, 2, 64)
-    assert len(cuts) == 2 and cuts[0][0] == 0 and cuts[-1][1] == 32
-    assert cuts[0][1] == cuts[1][0]  # contiguous, every text once
-    best = min(max(cost(lengths, (0, i)), cost(lengths, (i, 32))) for i in range(1, 32))
-    assert max(cost(lengths, c) for c in cuts) == best == 225  # 16/16 by count: 480
+    ordered = sorted(cuts)
+    assert ordered[0][0] == 0 and ordered[-1][1] == 32
+    assert all(a[1] == b[0] for a, b in zip(ordered, ordered[1:], strict=False))  # each once
+    assert [cost(lengths, c) for c in cuts] == sorted((cost(lengths, c) for c in cuts),
+                                                      reverse=True)  # largest first
+    by_count = finish(lengths, [(0, 16), (16, 32)])
+    best_pair = min(finish(lengths, [(0, i), (i, 32)]) for i in range(1, 32))
+    assert finish(lengths, cuts) <= best_pair < by_count  # 218 <= 241 < 496
     assert split_sorted([5] * 32, 2, 64) == [(0, 16), (16, 32)]
     assert split_sorted([3], 4, 64) == [(0, 1)] and split_sorted([], 2, 64) == []
     big = split_sorted(list(range(1, 201)), 2, 64)  # more than threads x batch_size

@@ -109,39 +109,56 @@ class EmbeddingEngine:
             return self.model.forward(features)["sentence_embedding"].float().numpy()
 
 
-def split_sorted(lengths: list[int], threads: int, batch_size: int) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` slices of ascending token ``lengths`` to run as forward
-    passes on ``threads`` threads, each padded to its longest text.
+# A forward pass costs about as much as this many more padded tokens (Python and op
+# dispatch): all-MiniLM-L6-v2 on one thread, 1 text 9.6 ms, 4 texts 25 ms, ~3,800
+# tokens/s.
+FORWARD_OVERHEAD_TOKENS = 16
 
-    Up to ``threads * batch_size`` texts: ``threads`` contiguous slices whose padded
-    costs (texts x longest length, in tokens) are as even as possible, so every
-    thread finishes together (a batch of 32 requests, split 16/16 by count, left one
-    thread idle for a third of the time when one half held the long texts). More
-    texts: slices of ``batch_size``, which the pool balances by itself.
+
+def split_sorted(lengths: list[int], threads: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` slices of ascending token ``lengths``, each run as one
+    forward pass padded to its longest text, largest first (the thread pool then
+    hands the next largest to whichever thread frees first).
+
+    Up to ``threads * batch_size`` texts: for ``m`` = 1, 2 and 3 slices per thread,
+    the cut whose costliest slice is cheapest (cost = texts x longest length +
+    :data:`FORWARD_OVERHEAD_TOKENS`); of those, the one that finishes soonest on
+    ``threads`` threads. More slices pad less (32 random one-sentence texts split
+    16/16 by count pad 22 % more tokens than they hold) but each pass has its fixed
+    cost. More texts: slices of ``batch_size``, which the pool balances by itself.
     """
     n = len(lengths)
     if n == 0:
         return []
     if n > threads * batch_size:
         return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    k = max(1, min(threads, n))
 
-    def cuts(limit: int) -> list[tuple[int, int]] | None:
-        """Greedy: the longest slices whose padded cost stays within ``limit``."""
+    def cost(a: int, b: int) -> int:
+        return (b - a) * lengths[b - 1] + FORWARD_OVERHEAD_TOKENS
+
+    def within(limit: int, m: int) -> list[tuple[int, int]] | None:
+        """The longest slices whose cost stays within ``limit``, if at most ``m``."""
         out, a = [], 0
         while a < n:
             b = a + 1
-            while b < n and (b + 1 - a) * lengths[b] <= limit:
+            while b < n and cost(a, b + 1) <= limit:
                 b += 1
             out.append((a, b))
             a = b
-        return out if len(out) <= k else None
+        return out if len(out) <= m else None
 
-    lo, hi = max(lengths, default=0), n * max(lengths, default=0)
-    while lo < hi:  # the smallest max-cost that k slices can achieve
-        mid = (lo + hi) // 2
-        if cuts(mid) is None:
-            lo = mid + 1
-        else:
-            hi = mid
-    return cuts(lo) or [(0, n)]
+    plans = []
+    for m in sorted({min(n, k * threads) for k in (1, 2, 3)}):
+        lo, hi = cost(n - 1, n), cost(0, n)
+        while lo < hi:  # the least limit that m slices can keep
+            mid = (lo + hi) // 2
+            if within(mid, m) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        cuts = sorted(within(lo, m) or [(0, n)], key=lambda c: -cost(*c))
+        loads = [0] * threads
+        for c in cuts:  # largest first onto the least loaded thread
+            loads[loads.index(min(loads))] += cost(*c)
+        plans.append((max(loads), len(cuts), cuts))
+    return min(plans)[2]
