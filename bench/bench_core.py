@@ -198,10 +198,12 @@ class Results:
 
 # -- direct llama.cpp ------------------------------------------------------------
 def bundled_chat_file() -> str:
-    """The GGUF the bundled chat endpoint loads: the shipped file under the model's
-    default ``FMSERVE_LLAMA_WEIGHTS`` (made and cached on first use)."""
+    """The GGUF the bundled chat endpoint loads: the shipped file under
+    ``FMSERVE_LLAMA_WEIGHTS`` (as the server reads it) or the model's default (made
+    and cached on first use)."""
     default = SYSTEM_MODELS["smollm2-135m-instruct"]().weights
-    return weights.prepare(str(bundled.smollm2_gguf()), default)
+    chosen = os.environ.get(weights.ENV_VAR) or default
+    return weights.prepare(str(bundled.smollm2_gguf()), chosen)
 
 
 def bench_direct_llm(threads: int, max_tokens: int, reps: int

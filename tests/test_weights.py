@@ -52,6 +52,17 @@ def test_prepare_rejects_a_file_llama_cannot_read(tmp_path: Path,
     assert not list((tmp_path / "cache" / "fmserve" / "models").glob("*.gguf"))
 
 
+def test_unwritable_cache_serves_the_file_as_is(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    src = str(smollm2_gguf())
+    assert weights.prepare(src, "bf16") == src
+    assert "loading SmolLM2-135M-Instruct.Q4_1.gguf as it is" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("weights"), {"FMSERVE_LLAMA_THREADS": "1"})

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 # The names FMSERVE_LLAMA_WEIGHTS accepts (besides "gguf" and "16bit"); each is
 # llama.cpp's LLAMA_FTYPE_MOSTLY_<NAME>.
@@ -80,9 +81,11 @@ def cache_dir() -> Path:
 def prepare(model_path: str, weights: str, *, threads: int = 0) -> str:
     """The GGUF path to load for ``model_path`` under ``weights`` (see module doc).
 
-    Returns ``model_path`` itself for ``gguf``; otherwise a cached converted copy,
+    Returns ``model_path`` itself for ``gguf``, or when the cache cannot be written
+    (a warning is printed to the worker log); otherwise a cached converted copy,
     made now if missing (seconds for a small model; minutes and 2 bytes per
-    parameter of disk for a 16-bit copy of a 7B one).
+    parameter of disk for a 16-bit copy of a 7B one). Copies for older source files
+    or llama-cpp-python versions are not removed.
 
     Raises:
         ValueError: an unknown ``weights`` value.
@@ -100,6 +103,14 @@ def prepare(model_path: str, weights: str, *, threads: int = 0) -> str:
     out = cache_dir() / f"{src.stem}.{key}.{ftype}.gguf"
     if out.exists():
         return str(out)
+    try:
+        return _convert(llama_cpp, src, out, ftype, threads)
+    except OSError as e:  # e.g. a read-only home: serve the file as it is
+        print(f"cannot write {out.parent} ({e}); loading {src.name} as it is", flush=True)
+        return model_path
+
+
+def _convert(llama_cpp: Any, src: Path, out: Path, ftype: str, threads: int) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another replica may be converting

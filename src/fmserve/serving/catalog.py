@@ -33,7 +33,7 @@ class ModelSource:
 
 # Provisioned-throughput step sizes (tokens/s per worker replica), rounded down from
 # what one replica measured on the reference machine (2-core x86-64, see
-# bench/bench_core.py): SmolLM2-135M Q4_1 decodes ~70 tokens/s single-stream;
+# bench/bench_core.py): SmolLM2-135M decodes 70-140 tokens/s single-stream;
 # all-MiniLM-L6-v2 embeds ~380 texts/s of ~10 tokens.
 SMOLLM2_CHUNK = 50
 MINILM_CHUNK = 2000
