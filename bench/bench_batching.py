@@ -13,7 +13,7 @@ SSE timing, concurrency rounds, direct embeddings, machine info) come from
 ``bench_core.py``; the definitions below are the same as there.
 
 1. **Chat, concurrent streams** - SmolLM2-135M-Instruct as the bundled endpoint
-   serves it (a 16-bit copy of the shipped Q4_1 GGUF; ``--weights gguf`` for the
+   serves it (a BF16 or Q8_0 copy of the shipped Q4_1 GGUF; ``--weights gguf`` for the
    4-bit file itself, ``--gguf`` for another model), every chat row on that same file,
    at 1, 4, 8 and 16 concurrent streaming requests (asyncio + ``httpx.AsyncClient``,
    distinct prompts, ``--temperature`` (default 0.7: sampled, as chat traffic is;
@@ -96,7 +96,7 @@ from bench_core import (  # noqa: E402
 )
 
 LEVELS = (1, 4, 8, 16)
-BUNDLED_WEIGHTS = SYSTEM_MODELS["smollm2-135m-instruct"]().weights  # "16bit"
+BUNDLED_WEIGHTS = SYSTEM_MODELS["smollm2-135m-instruct"]().weights  # "auto"
 CLIENTS = 32
 JSON_PROMPT = ("Describe a fictional person as a JSON object with the fields name, age, "
                "hobbies (a list of strings) and city. Answer with the JSON only.")
@@ -358,7 +358,7 @@ def main() -> int:
                     "SmolLM2 Q4_1 GGUF)")
     ap.add_argument("--weights", default=BUNDLED_WEIGHTS,
                     help="what every chat row loads from that file (FMSERVE_LLAMA_WEIGHTS: gguf "
-                         "= as is, 16bit, bf16, f16, q8_0, ...; default %(default)s, what the "
+                         "= as is, auto, bf16, q8_0, f16, ...; default %(default)s, what the "
                          "bundled endpoint serves); other than the bundled default, fmserve "
                          "serves it as its own endpoint")
     ap.add_argument("--skip-llama-server", action="store_true",

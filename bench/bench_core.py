@@ -9,7 +9,7 @@ What it measures, in one run, on the same model files and the same thread count
 (``--threads``, default 2 = this machine's cores):
 
 1. **Chat decode, single stream** - SmolLM2-135M-Instruct, the weights file the
-   bundled endpoint loads (a 16-bit copy of the shipped Q4_1 GGUF,
+   bundled endpoint loads (a BF16 or Q8_0 copy of the shipped Q4_1 GGUF,
    :func:`bundled_chat_file`).
 
    *direct*: ``llama_cpp.Llama(model_path, n_ctx=8192, n_threads=T)`` in this

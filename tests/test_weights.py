@@ -1,5 +1,5 @@
 """Which weights a llama.cpp worker loads (``engines/weights.py``): the bundled
-SmolLM2 is served from a 16-bit copy of its Q4_1 GGUF, a user's ``.gguf`` as is, and
+SmolLM2 is served from a BF16 or Q8_0 copy of its Q4_1 GGUF, a user's ``.gguf`` as is, and
 ``environment_vars.FMSERVE_LLAMA_WEIGHTS`` picks another type per served entity.
 Conversions are real (``llama_model_quantize``) and the converted model generates."""
 
@@ -24,7 +24,7 @@ def test_choices_and_cpu_resolution() -> None:
     with pytest.raises(ValueError, match="FMSERVE_LLAMA_WEIGHTS must be one of"):
         weights.check_weights("q3_zz")
     assert weights.resolve_type("gguf") is None
-    assert weights.resolve_type("16bit") == ("bf16" if weights.cpu_has_bf16() else "f16")
+    assert weights.resolve_type("auto") == ("bf16" if weights.cpu_has_bf16() else "q8_0")
     assert weights.resolve_type("Q8_0") == "q8_0"
 
 
@@ -78,8 +78,8 @@ def _log(c: httpx.Client, endpoint: str, entity: str) -> str:
     return str(r.json()["logs"])
 
 
-def test_bundled_model_is_served_from_16bit(server: Server) -> None:
-    kind = weights.resolve_type("16bit")
+def test_bundled_model_is_served_from_a_converted_copy(server: Server) -> None:
+    kind = weights.resolve_type("auto")
     with server.client() as c:
         ep = c.get(f"{API}/{CHAT}").json()
         entity = ep["config"]["served_entities"][0]["name"]

@@ -35,8 +35,8 @@ class ServerConfig:
         llama_prefill_chunk: prompt tokens a batched llama.cpp worker evaluates per step
             while other requests are decoding (bounds their pause during a long prefill).
         llama_weights: the weights every llama.cpp worker loads (``gguf`` = the file as
-            is, ``16bit``, ``bf16``, ``q8_0``, ... see ``engines/weights.py``); empty = each
-            model's default (the bundled SmolLM2: ``16bit``; a user's GGUF: ``gguf``). A
+            is, ``auto``, ``bf16``, ``q8_0``, ... see ``engines/weights.py``); empty = each
+            model's default (the bundled SmolLM2: ``auto``; a user's GGUF: ``gguf``). A
             served entity's ``environment_vars.FMSERVE_LLAMA_WEIGHTS`` overrides it.
         sync_interval_s: how often (s) to pick up endpoint changes made by other
             server processes sharing the database.

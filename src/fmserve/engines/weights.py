@@ -1,28 +1,38 @@
 """Which weights a llama.cpp worker loads: the GGUF as shipped, or a converted copy.
 
 ``FMSERVE_LLAMA_WEIGHTS`` (server-wide) or a served entity's
-``environment_vars.FMSERVE_LLAMA_WEIGHTS`` names the tensor type:
+``environment_vars.FMSERVE_LLAMA_WEIGHTS`` names them:
 
 * ``gguf`` - the file as it is (the default for a user's ``.gguf`` entity);
-* ``16bit`` - ``bf16`` where the CPU has AVX512-BF16, else ``f16`` (the default for
-  the bundled SmolLM2, see below);
-* a llama.cpp file type (:data:`WEIGHT_TYPES`: ``bf16``, ``f16``, ``q8_0``, ``q4_0``, ...).
+* ``auto`` - the copy that batches best on this CPU without losing quality: ``bf16``
+  where llama.cpp runs AVX512-BF16 kernels, else ``q8_0`` (the bundled SmolLM2's
+  default);
+* a llama.cpp file type (:data:`WEIGHT_TYPES`: ``bf16``, ``q8_0``, ``f16``, ``q4_0``, ...).
 
 A copy is made once with ``llama_model_quantize`` (dequantizing first when the
 source is quantized) into ``$XDG_CACHE_HOME/fmserve/models`` (default
 ``~/.cache/fmserve/models``), named by the source's path, size and mtime, the type
 and the llama-cpp-python version; replicas starting together make it once (a file
-lock). SmolLM2-135M: about 1 s, 271 MB for 16-bit.
+lock). SmolLM2-135M: about 1 s; 271 MB for bf16, 145 MB for q8_0.
 
-Why 16-bit for small models on CPU: llama.cpp multiplies a batch of quantized
-activations by Q4_1 weights one dot product at a time, so a decode step for 8
-sequences costs nearly 8 single steps, while 16-bit weights go through a real matrix
-kernel that reuses each weight row across the batch. Measured on a 2-core AVX-512
-EPYC (``bench/bench_batching.py``, bare ``llama_decode``, tokens/s at 1 / 8
-sequences per step): Q4_1 180 / 284, BF16 122 / 481 - the 16-bit copy is ~30 %
-slower for one stream and ~1.7x faster for eight. Lossless for a Q4_1 source
-(perplexity 16.415 both); re-quantizing to another 4-bit type is not (Q4_0 20.9).
-"""
+Why: llama.cpp multiplies a batch of activations by Q4_1 weights one dot product at
+a time, so a decode step for 8 sequences costs nearly 8 single steps, while other
+types go through matrix kernels that reuse each weight row across the batch. Bare
+``llama_decode`` on a 2-core AMD EPYC, 2 threads, SmolLM2-135M, tokens/s at 1 / 8
+sequences per step (perplexity on README.md's first 6,000 characters):
+
+============  ===================  ===================  ==========
+weights       AVX-512 build        AVX2-only build      perplexity
+============  ===================  ===================  ==========
+Q4_1 (file)   180 / 284            167 / 333            16.415
+BF16          122 / 481            125 / 306            16.415
+Q8_0          176 / 317            167 / 488            16.496
+F16           120 / 359            116 / 333            18.364
+Q4_0          205 / 571            222 / 552            20.939
+============  ===================  ===================  ==========
+
+BF16 holds a Q4_1 file's values exactly; Q8_0 nearly; F16 loses accuracy (llama.cpp
+rounds the activations to F16 too), and re-quantizing to another 4-bit type more."""
 
 from __future__ import annotations
 
@@ -32,11 +42,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-# The names FMSERVE_LLAMA_WEIGHTS accepts (besides "gguf" and "16bit"); each is
+# The names FMSERVE_LLAMA_WEIGHTS accepts (besides "gguf" and "auto"); each is
 # llama.cpp's LLAMA_FTYPE_MOSTLY_<NAME>.
 WEIGHT_TYPES = ("bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0",
                 "q4_k_m", "q4_k_s", "q4_1", "q4_0", "iq4_nl")
-WEIGHTS_CHOICES = ("gguf", "16bit", *WEIGHT_TYPES)
+WEIGHTS_CHOICES = ("gguf", "auto", *WEIGHT_TYPES)
 ENV_VAR = "FMSERVE_LLAMA_WEIGHTS"
 
 
@@ -54,13 +64,12 @@ def check_weights(value: str) -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """True when ``/proc/cpuinfo`` lists ``avx512_bf16`` (llama.cpp's fast BF16 path)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split()
-                       for line in f)
-    except OSError:
-        return False
+    """True when llama.cpp was built with, and so runs, its AVX512-BF16 kernels
+    (``llama_print_system_info``; ``scripts/install.sh`` enables them on CPUs that
+    have the instructions)."""
+    import llama_cpp
+
+    return "AVX512_BF16 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
 
 
 def resolve_type(weights: str) -> str | None:
@@ -68,8 +77,8 @@ def resolve_type(weights: str) -> str | None:
     w = check_weights(weights or "gguf")
     if w == "gguf":
         return None
-    if w == "16bit":
-        return "bf16" if cpu_has_bf16() else "f16"
+    if w == "auto":
+        return "bf16" if cpu_has_bf16() else "q8_0"
     return w
 
 
@@ -84,7 +93,7 @@ def prepare(model_path: str, weights: str, *, threads: int = 0) -> str:
     Returns ``model_path`` itself for ``gguf``, or when the cache cannot be written
     (a warning is printed to the worker log); otherwise a cached converted copy,
     made now if missing (seconds for a small model; minutes and 2 bytes per
-    parameter of disk for a 16-bit copy of a 7B one). Copies for older source files
+    parameter of disk for a bf16 copy of a 7B one). Copies for older source files
     or llama-cpp-python versions are not removed.
 
     Raises:

@@ -48,10 +48,11 @@ SYSTEM_MODELS = {
         "llama_cpp", str(bundled.smollm2_gguf()), TASK_CHAT,
         FoundationModel(name="smollm2-135m-instruct", display_name="SmolLM2 135M Instruct",
                         description="Hugging Face SmolLM2-135M-Instruct on llama.cpp: the "
-                                    "shipped 4-bit (Q4_1) GGUF, served as a lossless 16-bit "
-                                    "copy, which batches concurrent requests far better.",
+                                    "shipped 4-bit (Q4_1) GGUF, served as a BF16 (AVX512-BF16 "
+                                    "CPUs) or Q8_0 copy, which batches concurrent requests "
+                                    "far better.",
                         docs="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"),
-        SMOLLM2_CHUNK, weights="16bit"),
+        SMOLLM2_CHUNK, weights="auto"),
     "all-minilm-l6-v2": lambda: ModelSource(
         "sentence_transformers", str(bundled.minilm_folder()), TASK_EMBEDDINGS,
         FoundationModel(name="all-minilm-l6-v2", display_name="all-MiniLM-L6-v2",
