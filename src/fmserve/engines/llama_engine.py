@@ -43,8 +43,8 @@ class LlamaEngine:
 
         self._lib = llama_cpp
         threads = int(spec.get("n_threads") or os.cpu_count() or 1)
-        self.weights = spec.get("weights") or "gguf"
-        path = prepare_weights(spec["model_path"], self.weights, threads=threads)
+        path = prepare_weights(spec["model_path"], spec.get("weights") or "gguf",
+                               threads=threads)
         probe_ctx = int(spec.get("n_ctx") or 0)
         self.llm = Llama(
             model_path=path,
