@@ -72,7 +72,6 @@ from rich.table import Table
 
 from fmserve.engines import bundled, weights
 from fmserve.engines.weights import check_weights
-from fmserve.serving.catalog import SYSTEM_MODELS
 from fmserve.testing import LocalServer, free_port, wait_until_up
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -84,6 +83,7 @@ from bench_core import (  # noqa: E402
     Stream,
     bench_concurrency,
     bench_direct_embed,
+    bundled_weights,
     chat_body,
     console,
     embed_texts,
@@ -96,7 +96,6 @@ from bench_core import (  # noqa: E402
 )
 
 LEVELS = (1, 4, 8, 16)
-BUNDLED_WEIGHTS = SYSTEM_MODELS["smollm2-135m-instruct"]().weights  # "auto"
 CLIENTS = 32
 JSON_PROMPT = ("Describe a fictional person as a JSON object with the fields name, age, "
                "hobbies (a list of strings) and city. Answer with the JSON only.")
@@ -120,7 +119,7 @@ def chat_endpoint(srv: LocalServer, gguf: str, weights_type: str,
     """The invocations path serving ``gguf`` as ``weights_type`` (FMSERVE_LLAMA_WEIGHTS):
     the bundled chat endpoint when that is what it serves, else a new endpoint (created
     through the management API, ready when this returns)."""
-    if Path(gguf) == bundled.smollm2_gguf() and weights_type == BUNDLED_WEIGHTS:
+    if Path(gguf) == bundled.smollm2_gguf() and weights_type == bundled_weights():
         return f"/serving-endpoints/{CHAT}/invocations"
     name = "bench-gguf"
     with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=60) as c:
@@ -356,7 +355,7 @@ def main() -> int:
                          "prompt in full, for reproducible answers)")
     ap.add_argument("--gguf", help="chat model file for every chat row (default: the bundled "
                     "SmolLM2 Q4_1 GGUF)")
-    ap.add_argument("--weights", default=BUNDLED_WEIGHTS,
+    ap.add_argument("--weights", default=bundled_weights(),
                     help="what every chat row loads from that file (FMSERVE_LLAMA_WEIGHTS: gguf "
                          "= as is, auto, bf16, q8_0, f16, ...; default %(default)s, what the "
                          "bundled endpoint serves); other than the bundled default, fmserve "

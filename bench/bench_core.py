@@ -89,7 +89,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fmserve.engines import bundled, weights  # noqa: E402
-from fmserve.serving.catalog import SYSTEM_MODELS  # noqa: E402
+from fmserve.serving.catalog import SYSTEM_MODELS, llama_weights  # noqa: E402
 from fmserve.testing import LocalServer, stop_server  # noqa: E402
 from fmserve.testing import start_server as _start_server  # noqa: E402
 
@@ -197,13 +197,16 @@ class Results:
 
 
 # -- direct llama.cpp ------------------------------------------------------------
+def bundled_weights() -> str:
+    """What the bundled chat endpoint loads (``FMSERVE_LLAMA_WEIGHTS``): as the server
+    decides it, from this environment (the servers here inherit it) or the model's own."""
+    return llama_weights(None, os.environ.get(weights.ENV_VAR, ""),
+                         SYSTEM_MODELS["smollm2-135m-instruct"]())
+
+
 def bundled_chat_file() -> str:
-    """The GGUF the bundled chat endpoint loads: the shipped file under
-    ``FMSERVE_LLAMA_WEIGHTS`` (as the server reads it) or the model's default (made
-    and cached on first use)."""
-    default = SYSTEM_MODELS["smollm2-135m-instruct"]().weights
-    chosen = os.environ.get(weights.ENV_VAR) or default
-    return weights.prepare(str(bundled.smollm2_gguf()), chosen)
+    """The GGUF the bundled chat endpoint loads (made and cached on first use)."""
+    return weights.prepare(str(bundled.smollm2_gguf()), bundled_weights())
 
 
 def bench_direct_llm(threads: int, max_tokens: int, reps: int

@@ -8,8 +8,8 @@ offline (``HF_HUB_OFFLINE=1``). Vectors are float32; whether the model normalize
 them (a ``Normalize`` module in its pipeline) is reported in :meth:`info`.
 
 Threads: ``n_threads`` compute threads, each running torch ops single-threaded. A
-batch is sorted by token length and cut into one slice of even padded cost per
-compute thread (:func:`split_sorted`). BERT-sized ops are too small
+batch is sorted by token length and cut into 1-3 slices per compute thread, the cut
+that pads least and finishes soonest (:func:`split_sorted`). BERT-sized ops are too small
 for torch's intra-op threads to scale, and their barriers stall whenever the server
 process takes a core: on 2 cores with 32 concurrent one-text clients, 2 intra-op
 threads gave 118 texts/s (``bench/bench_batching.py``).
