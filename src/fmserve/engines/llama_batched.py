@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fmserve.engines.grammar import GrammarError
 from fmserve.engines.llama_engine import LlamaEngine
 from fmserve.engines.sampling import build_sampler, reproducible
 from fmserve.engines.textstream import TokenOutput
@@ -85,7 +86,7 @@ class _Prepared:
     tokens: list[int]
     params: dict[str, Any]
     room: int  # context tokens left after the prompt
-    grammar: Any
+    grammar: Any  # an llguidance matcher or None
     reproducible: bool  # greedy or seeded: no prefix reuse
 
     @property
@@ -238,7 +239,8 @@ class BatchedLlamaEngine(LlamaEngine):
               "thinking": req.msg.get("_thinking", False)})
         max_tokens = min(int(params.get("max_tokens") or room), room)
         top = params.get("logprobs")
-        sampler = build_sampler(self.llm._model, self.llm.n_vocab(), params, req.grammar)
+        sampler = build_sampler(self.llm.n_vocab(), params, req.grammar,
+                                self.grammars.eos if req.grammar is not None else frozenset())
         return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, sampler=sampler,
                     out=self.output(rid, len(tokens), params, max_tokens, emit),
                     top_logprobs=None if top is None else int(top), n_past=reused,
@@ -324,7 +326,14 @@ class BatchedLlamaEngine(LlamaEngine):
             seq.step_tokens = 0
         done = []
         for seq in sampling:
-            tok = seq.sampler.sample(self.ctx, seq.logit_idx)
+            try:
+                tok = seq.sampler.sample(self.ctx, seq.logit_idx)
+            except GrammarError as exc:  # this sequence's grammar failed: end it alone
+                emit({"t": "err", "id": seq.rid, "code": "INTERNAL_ERROR",
+                      "message": f"Grammar-constrained decoding failed: {exc}"})
+                self._release(seq, keep=False)
+                done.append(seq)
+                continue
             lp = (None if seq.top_logprobs is None
                   else self.logprobs.entry(seq.logit_idx, tok, seq.top_logprobs))
             if self._accept(seq, tok, lp):

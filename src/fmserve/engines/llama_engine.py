@@ -15,12 +15,12 @@ counts are exact model tokens.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Callable
 from typing import Any
 
+from fmserve.engines.grammar import GrammarCompiler, GrammarError, Mask
 from fmserve.engines.logprobs import LogprobReader
 from fmserve.engines.reasoning import think_prompt
 from fmserve.engines.sampling import (
@@ -74,7 +74,7 @@ class LlamaEngine:
         self.model_file = os.path.basename(path)
         self.threads = threads
         self.reasoning = bool(template and "<think>" in template)
-        self._grammars: dict[str, Any] = {}
+        self.grammars = GrammarCompiler(self._vocab, self.llm.n_vocab())
         self.logprobs = LogprobReader(
             self.llm.n_vocab(),
             lambda row: llama_cpp.llama_get_logits_ith(self._decode_ctx(), row),
@@ -113,7 +113,8 @@ class LlamaEngine:
         """Prompt tokens, params, room left in the context (tokens) and compiled grammar.
 
         Emits an ``err`` event and returns None for a prompt the template rejects, a
-        prompt longer than the context, or a schema that does not compile.
+        prompt longer than the context, or a schema that does not compile. The grammar
+        is an llguidance matcher (:mod:`fmserve.engines.grammar`) or None.
         """
         rid = msg["id"]
         try:
@@ -130,39 +131,15 @@ class LlamaEngine:
                              f"be left for the answer). Shorten the prompt."})
             return None
         params = msg.get("params") or {}
-        try:
-            grammar = self._grammar(params.get("grammar"))
-        except ValueError as exc:
-            emit({"t": "err", "id": rid, "code": "BAD_REQUEST",
-                  "message": f"The output schema cannot be compiled to a grammar: {exc}"})
-            return None
+        grammar = None
+        if params.get("grammar"):
+            try:
+                grammar = self.grammars.matcher(params["grammar"])
+            except GrammarError as exc:
+                emit({"t": "err", "id": rid, "code": "INVALID_PARAMETER_VALUE",
+                      "message": f"The output schema cannot be enforced: {exc}"})
+                return None
         return tokens, params, room, grammar
-
-    def _grammar(self, spec: dict[str, Any] | None) -> Any:
-        """A compiled llama.cpp grammar for a grammar spec (see engines/structured.py)."""
-        if not spec:
-            return None
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
-
-        kind = spec["type"]
-        if kind == "json_object":
-            gbnf = JSON_GBNF
-        elif kind == "json_schema":
-            gbnf = json_schema_to_gbnf(json.dumps(spec["schema"]))
-        elif kind == "tool_auto":
-            # A tool call (JSON, starts with "{" or "[") or free text that does not.
-            call = json_schema_to_gbnf(json.dumps(spec["schema"])).replace(
-                "root ::=", "call ::=", 1)
-            gbnf = call + '\nroot ::= call | free\nfree ::= [^{[] [^\\x00]*\n'
-        else:
-            raise ValueError(f"unknown grammar type {kind!r}")
-        cached = self._grammars.get(gbnf)
-        if cached is None:
-            cached = LlamaGrammar.from_string(gbnf, verbose=False)
-            if len(self._grammars) > 64:
-                self._grammars.clear()
-            self._grammars[gbnf] = cached
-        return cached
 
     def _prompt_tokens(self, msg: dict[str, Any]) -> list[int]:
         if msg.get("messages") is not None:
@@ -191,6 +168,7 @@ class LlamaEngine:
             self.llm.reset()
         out = self.output(rid, len(tokens), params, max_tokens, emit)
         top = params.get("logprobs")
+        masker = None if grammar is None else _MaskProcessor(grammar, self.llm.n_vocab())
         for tok in self.llm.generate(
             tokens,
             temp=DEFAULT_TEMPERATURE if temp is None else float(temp),
@@ -200,11 +178,15 @@ class LlamaEngine:
             repeat_penalty=float(params.get("repeat_penalty") or 1.0),
             presence_penalty=float(params.get("presence_penalty") or 0.0),
             frequency_penalty=float(params.get("frequency_penalty") or 0.0),
-            grammar=grammar,
+            logits_processor=None if masker is None else [masker],
         ):
             if cancelled():
                 out.finish("cancelled")
                 break
+            if masker is not None and not masker.consume(tok):
+                emit({"t": "err", "id": rid, "code": "INTERNAL_ERROR",
+                      "message": f"Grammar-constrained decoding failed: {masker.error}"})
+                return
             # generate() yields right after sampling: logits row -1 produced ``tok``.
             lp = None if top is None else self.logprobs.entry(-1, tok, int(top))
             if out.accept(tok, lp):
@@ -218,3 +200,31 @@ class LlamaEngine:
                            detok=lambda tok: self.llm.detokenize([tok]),
                            is_eog=lambda tok: bool(self._lib.llama_vocab_is_eog(self._vocab,
                                                                                   tok)))
+
+
+class _MaskProcessor:
+    """``Llama.generate`` logits processor enforcing an llguidance matcher.
+
+    llama-cpp-python calls it from a C callback, where a raised exception would be
+    lost and the step left unconstrained; an error is therefore recorded, every token
+    but the end of generation masked, and the error reported by :meth:`consume`.
+    """
+
+    def __init__(self, matcher: Any, n_vocab: int) -> None:
+        self.matcher = matcher
+        self.mask = Mask(n_vocab)
+        self.error: str | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        try:
+            self.mask.apply(self.matcher, scores)
+        except GrammarError as exc:
+            self.error = str(exc)
+            scores[:] = -float("inf")
+        return scores
+
+    def consume(self, tok: int) -> bool:
+        """Feeds the sampled token to the matcher; False when decoding must stop."""
+        if self.error is None and not self.matcher.consume_token(tok):
+            self.error = self.matcher.get_error() or "the grammar refused the token"
+        return self.error is None

@@ -17,15 +17,26 @@ from fmserve.backends import Backend, Capabilities, EmbeddingResult
 from fmserve.engines.logprobs import MAX_TOP_LOGPROBS, completion_logprobs
 from fmserve.engines.pool import WorkerPool
 from fmserve.engines.reasoning import local_budget, reasoned_chat, reasoned_stream
-from fmserve.engines.structured import ToolPlan, render_history, response_grammar
+from fmserve.engines.sampling import reproducible
+from fmserve.engines.structured import (
+    ToolPlan,
+    answer_violation,
+    render_history,
+    response_grammar,
+)
 from fmserve.engines.supervisor import WorkerRequest
-from fmserve.errors import InvalidParameterValue
+from fmserve.errors import BadGateway, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest, SamplingParams
 from fmserve.protocol.embeddings import EmbeddingsRequest
 
 # extra_params keys the llama.cpp engine honours; any other key is a 400.
 _EXTRA_SAMPLING = {"top_k", "top_p", "seed", "temperature", "max_tokens", "stop",
                    "presence_penalty", "frequency_penalty", "repeat_penalty", "min_p"}
+
+
+# Extra attempts for an answer that finished but breaks a schema keyword the grammar
+# cannot enforce (uniqueItems, multipleOf, not, ...): sampled requests only.
+OUTPUT_RETRIES = 2
 
 
 def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
@@ -235,6 +246,7 @@ class LlamaBackend(Backend):
         want_lp = _wants_logprobs(ops)
         choices = await self._submit(ops)
         await self._run_all(choices)
+        await self._enforce(req, plan, ops, choices)
         out = []
         for c in choices:
             text = "".join(c.text)
@@ -254,6 +266,40 @@ class LlamaBackend(Backend):
             "choices": out,
             "usage": self._choices_usage(choices, req.n),
         }
+
+    async def _enforce(self, req: ChatCompletionRequest, plan: ToolPlan,
+                       ops: list[dict[str, Any]], choices: list[_Choice]) -> None:
+        """Checks every finished answer against its schema; a breaking one is sampled
+        again (at most :data:`OUTPUT_RETRIES` times, with the seed offset if one was
+        given), never returned.
+
+        Raises:
+            BadGateway: an answer still breaks its schema (greedy requests are not
+                retried: they would give the same answer).
+        """
+        for attempt in range(OUTPUT_RETRIES + 1):
+            bad = [(c, why) for c in choices
+                   if (why := _violation(plan, req, "".join(c.text), c.finish_reason))]
+            if not bad:
+                return
+            params = ops[0]["params"]
+            if attempt == OUTPUT_RETRIES or (params.get("seed") is None and
+                                             reproducible(params)):
+                break
+            redo = []
+            for c, _ in bad:
+                op = ops[c.index]
+                if op["params"].get("seed") is not None:
+                    op = {**op, "params": {**op["params"],
+                                           "seed": op["params"]["seed"] + 7919 * (attempt + 1)}}
+                redo.append(_Choice(c.index, await self.worker.submit(op)))
+            await self._run_all(redo)
+            for r in redo:
+                choices[r.index] = r
+        c, why = bad[0]
+        raise BadGateway(f"The answer of '{self.name}' (choice {c.index}) {why}; this "
+                         f"keyword is checked after generation, not enforced while decoding"
+                         f" (attempts: {attempt + 1}).")
 
     async def complete(self, req: CompletionRequest) -> dict[str, Any]:
         ops = self._completion_ops(req)
@@ -275,18 +321,21 @@ class LlamaBackend(Backend):
         budget = self._reasoning(req, plan, ops)
         if budget is not False:
             return reasoned_stream(self.worker.submit, ops, budget or None)
-        return self._stream(ops, req.n, chat=True, plan=plan)
+        return self._stream(ops, req.n, chat=True, plan=plan, req=req)
 
     def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         return self._stream(self._completion_ops(req), req.n, chat=False)
 
     async def _stream(self, ops: list[dict[str, Any]], n: int, chat: bool,
-                      plan: ToolPlan | None = None) -> AsyncIterator[dict[str, Any]]:
+                      plan: ToolPlan | None = None, req: ChatCompletionRequest | None = None
+                      ) -> AsyncIterator[dict[str, Any]]:
         """Chunks with cumulative usage. Choices are streamed in index order.
 
         The first chunk is produced only after the worker accepted the first
         prompt, so prompt errors (too long for the context) still become an
-        HTTP error status rather than an in-stream error.
+        HTTP error status rather than an in-stream error. A chat answer that finished
+        but breaks its schema ends the stream with an error event (BadGateway)
+        instead of its last chunk.
         """
         prompt_tokens = 0
         cached_tokens = 0
@@ -332,6 +381,8 @@ class LlamaBackend(Backend):
                             yield chunk(c, {"role": "assistant", "content": ""}, None, None)
                     elif t == "tok":
                         completion_tokens = finished_tokens + ev["n"]
+                        if req is not None:
+                            c.text.append(ev["text"])
                         if held is not None:
                             held.append(ev["text"])
                             held_lp.extend(ev.get("lp") or ())
@@ -346,6 +397,11 @@ class LlamaBackend(Backend):
                         finished_tokens += ev["completion_tokens"]
                         completion_tokens = finished_tokens
                         finish = ev["finish_reason"]
+                        if req is not None and plan is not None:
+                            why = _violation(plan, req, "".join(c.text), finish)
+                            if why:
+                                raise BadGateway(f"The streamed answer (choice {c.index}) "
+                                                 f"{why}.")
                         if held is not None and plan is not None:
                             text = "".join(held)
                             calls = plan.parse(text)
@@ -361,6 +417,22 @@ class LlamaBackend(Backend):
         finally:
             for c in choices:
                 c.req.close()
+
+
+def _violation(plan: ToolPlan, req: ChatCompletionRequest, text: str,
+               finish: str | None) -> str | None:
+    """Why a finished (``stop``) answer breaks its tools' or ``response_format``'s
+    schema; None when it conforms, or was cut (``length``, cancelled)."""
+    if finish != "stop":
+        return None
+    if plan.active:
+        calls = plan.parse(text)
+        if calls:
+            return plan.violation(calls)
+        if plan.mode in ("required", "named"):
+            return f"is not a call of the offered functions: {text[:120]!r}"
+        return None
+    return answer_violation(text, req.response_format)
 
 
 def _nth(params: dict[str, Any], j: int) -> dict[str, Any]:

@@ -3,25 +3,16 @@
 :func:`build_sampler` builds the chain ``Llama._init_sampler`` builds (penalties,
 top-k, typical, top-p, min-p, temperature, seeded dist; greedy at temperature 0).
 
-With a grammar, putting the grammar sampler first in the chain (as
-``Llama.generate`` does) checks every one of the ~49k vocabulary tokens against the
-grammar at every step, which halves decode speed. :class:`GrammarSampler` does what
-llama.cpp's own ``common_sampler_sample`` does instead: sample with the chain, then
-check only the chosen token against the grammar; only when the grammar rejects it,
-mask the whole vocabulary with the grammar and sample again. The output obeys the
-grammar either way; the distribution is the grammar-masked one whenever the first
-pick is rejected, and the unmasked one restricted to grammatical picks otherwise
-(llama.cpp's default trade-off, ``grammar_first = false``).
+With a grammar (an llguidance matcher, :mod:`fmserve.engines.grammar`), the chain
+is wrapped in a :class:`~fmserve.engines.grammar.ConstrainedSampler`: it samples
+first and masks the vocabulary only when the grammar refuses the pick, as
+llama.cpp's own ``common_sampler_sample`` does (``grammar_first = false``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import math
 import random
 from typing import Any
-
-import numpy as np
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
@@ -35,9 +26,11 @@ def reproducible(params: dict[str, Any]) -> bool:
     return params.get("seed") is not None or (temp is not None and float(temp) == 0.0)
 
 
-def build_sampler(model: Any, n_vocab: int, params: dict[str, Any], grammar: Any) -> Any:
+def build_sampler(n_vocab: int, params: dict[str, Any], matcher: Any,
+                  eos: frozenset[int] = frozenset()) -> Any:
     """A sampler for one sequence: ``sample(ctx, idx) -> token`` (accepts the token
-    into its state) and ``close()``. ``grammar`` is a compiled ``LlamaGrammar`` or None.
+    into its state) and ``close()``. ``matcher`` is an llguidance ``LLMatcher`` or None;
+    ``eos``: the end-of-generation tokens it accepts at the end of an answer.
     """
     from llama_cpp import _internals
 
@@ -59,61 +52,8 @@ def build_sampler(model: Any, n_vocab: int, params: dict[str, Any], grammar: Any
         s.add_min_p(float(params.get("min_p") or 0.0), 1)
         s.add_temp(temp)
         s.add_dist(seed)
-    if grammar is None:
+    if matcher is None:
         return s
-    return GrammarSampler(model, n_vocab, s, grammar)
+    from fmserve.engines.grammar import ConstrainedSampler
 
-
-class GrammarSampler:
-    """A sampler chain whose picks are checked against a grammar (see module doc)."""
-
-    def __init__(self, model: Any, n_vocab: int, chain: Any, grammar: Any) -> None:
-        import llama_cpp
-
-        self._lib = llama_cpp
-        self.chain = chain
-        self.grammar = llama_cpp.llama_sampler_init_grammar(
-            model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
-        self.n_vocab = n_vocab
-        self._full = (llama_cpp.llama_token_data * n_vocab)()
-        self._view = np.ctypeslib.as_array(self._full)  # fields id, logit, p
-        self._ids = np.arange(n_vocab, dtype=np.int32)
-        self._one = (llama_cpp.llama_token_data * 1)()
-        self.rejected = 0  # picks the grammar refused (resampled), for diagnostics
-
-    def _candidates(self, ctx: Any, idx: int) -> Any:
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(ctx.ctx, idx),
-                                       shape=(self.n_vocab,))
-        self._view["id"] = self._ids
-        self._view["logit"] = logits
-        self._view["p"] = 0.0
-        return self._lib.llama_token_data_array(data=self._full, size=self.n_vocab,
-                                                selected=-1, sorted=False)
-
-    def _allowed(self, tok: int) -> bool:
-        one = self._one
-        one[0].id, one[0].logit, one[0].p = tok, 1.0, 0.0  # type: ignore[assignment]
-        arr = self._lib.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-        self._lib.llama_sampler_apply(self.grammar, ctypes.byref(arr))
-        return not math.isinf(one[0].logit)
-
-    def sample(self, ctx: Any, idx: int) -> int:
-        lib = self._lib
-        arr = self._candidates(ctx, idx)
-        lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
-        tok = int(self._full[arr.selected].id)
-        if not self._allowed(tok):
-            self.rejected += 1
-            arr = self._candidates(ctx, idx)
-            lib.llama_sampler_apply(self.grammar, ctypes.byref(arr))
-            lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
-            tok = int(self._full[arr.selected].id)
-        lib.llama_sampler_accept(self.grammar, tok)
-        lib.llama_sampler_accept(self.chain.sampler, tok)
-        return tok
-
-    def close(self) -> None:
-        if self.grammar is not None:
-            self._lib.llama_sampler_free(self.grammar)
-            self.grammar = None
-        self.chain.close()
+    return ConstrainedSampler(n_vocab, s, matcher, eos)

@@ -6,7 +6,8 @@ a request's ``response_format`` / ``tools`` / ``tool_choice`` into
 * a **grammar spec** for the worker — ``{"type": "json_object"}``,
   ``{"type": "json_schema", "schema": {...}}`` or
   ``{"type": "tool_auto", "schema": {...}}`` (a tool call *or* free text that does
-  not start with ``{``) — compiled there with llama.cpp's JSON-schema-to-GBNF;
+  not start with ``{``) — compiled there by llguidance
+  (:mod:`fmserve.engines.grammar`);
 * the **prompt**: tool definitions go into the system message, since small GGUF
   chat templates (SmolLM2's included) have no tool support; assistant tool calls
   and ``role: tool`` results in the history are rendered as text (documented
@@ -19,66 +20,45 @@ Fallback prompt format (OpenAI function-calling semantics, text rendering)::
     assistant: {"name": "get_weather", "arguments": {"city": "Paris"}}   (a past call)
     tool:      {"tool_call_id": "call_…", "content": "..."}              (its result)
 
+Schemas are read by :func:`fmserve.protocol.schemas.load_schema` (any draft; unknown
+keywords are ignored and logged). A tool's ``parameters`` keep their own ``$defs``
+and ``$ref``s: the call schema nests each under ``#/$defs/fn<i>`` with its refs
+re-rooted. Every finished answer is checked against the full schema
+(:func:`answer_violation`), since a grammar cannot enforce every keyword.
+
 Raises :class:`~fmserve.errors.InvalidParameterValue` (400) for tools without
-``parameters``, invalid JSON Schemas, schema keywords the grammar cannot enforce,
-and ``tool_choice`` naming an unknown function.
+``parameters``, invalid JSON Schemas and ``tool_choice`` naming an unknown function.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-
 from fmserve.errors import InvalidParameterValue
+from fmserve.protocol.schemas import OutputSchema, load_schema, ref_rooted
 
-# Keywords llama.cpp's json_schema_to_gbnf enforces, plus pure annotations.
-_ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
-             "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
-             "$defs", "definitions", "pattern", "format", "minLength", "maxLength"}
-_ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
-                "readOnly", "writeOnly", "deprecated", "strict"}
-_FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
-_SUBSCHEMA_MAPS = {"properties", "$defs", "definitions"}
-_SUBSCHEMA_LISTS = {"anyOf", "oneOf", "allOf", "prefixItems"}
+log = logging.getLogger("fmserve.structured")
 
 
-def check_schema(schema: Any, where: str) -> None:
-    """A JSON Schema the grammar can enforce completely, or a 400 naming the problem."""
-    if not isinstance(schema, dict):
-        raise InvalidParameterValue(f"{where} must be a JSON Schema object.")
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        raise InvalidParameterValue(f"{where} is not a valid JSON Schema: {exc.message}") from None
-    _walk(schema, where)
+def check_schema(schema: Any, where: str) -> OutputSchema:
+    """The loaded schema (see :func:`~fmserve.protocol.schemas.load_schema`); its
+    ignored keywords are logged once per distinct schema.
+
+    Raises:
+        InvalidParameterValue: not a JSON Schema under any draft.
+    """
+    loaded = load_schema(schema, where)
+    if loaded.ignored and loaded.digest not in _LOGGED:
+        _LOGGED.add(loaded.digest)
+        log.info("%s: ignored keywords (annotations, not constraints): %s", where,
+                 ", ".join(loaded.ignored[:20]))
+    return loaded
 
 
-def _walk(node: Any, where: str) -> None:
-    if isinstance(node, bool):
-        return
-    if not isinstance(node, dict):
-        raise InvalidParameterValue(f"{where} must be a JSON Schema object.")
-    for key, value in node.items():
-        if key not in _ENFORCED and key not in _ANNOTATIONS:
-            raise InvalidParameterValue(
-                f"{where}: the schema keyword '{key}' cannot be enforced by grammar-constrained "
-                "decoding on local models; remove it or validate it yourself.")
-        if key == "format" and value not in _FORMATS:
-            raise InvalidParameterValue(
-                f"{where}: format '{value}' cannot be enforced; supported: "
-                f"{', '.join(sorted(_FORMATS))}.")
-        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-            for name, sub in value.items():
-                _walk(sub, f"{where}.{key}.{name}")
-        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            for i, sub in enumerate(value):
-                _walk(sub, f"{where}.{key}[{i}]")
-        elif key in ("items", "additionalProperties") and isinstance(value, dict):
-            _walk(value, f"{where}.{key}")
+_LOGGED: set[str] = set()
 
 
 def response_grammar(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -113,6 +93,7 @@ class ToolPlan:
     def __init__(self, tools: list[dict[str, Any]] | None, tool_choice: Any,
                  parallel: bool = True) -> None:
         self.functions: dict[str, dict[str, Any]] = {}
+        self.schemas: dict[str, OutputSchema] = {}
         self.descriptions: list[dict[str, Any]] = []
         for i, tool in enumerate(tools or []):
             fn = tool.get("function") if isinstance(tool, dict) else None
@@ -125,7 +106,8 @@ class ToolPlan:
                 raise InvalidParameterValue(
                     f"\"parameters\" is a required property for \"function\" object in "
                     f"parameter \"tools\" (tools[{i}] '{fn['name']}').")
-            check_schema(fn["parameters"], f"tools[{i}].function.parameters")
+            self.schemas[fn["name"]] = check_schema(fn["parameters"],
+                                                    f"tools[{i}].function.parameters")
             self.functions[fn["name"]] = fn["parameters"]
             self.descriptions.append({"name": fn["name"],
                                       "description": fn.get("description", ""),
@@ -161,14 +143,16 @@ class ToolPlan:
 
     def _call_schema(self) -> dict[str, Any]:
         names = [self.named] if self.named else list(self.functions)
+        defs = {f"fn{i}": ref_rooted(self.functions[n], f"#/$defs/fn{i}")
+                for i, n in enumerate(names)}
         calls = [{"type": "object", "properties": {"name": {"const": n},
-                                                   "arguments": self.functions[n]},
+                                                   "arguments": {"$ref": f"#/$defs/fn{i}"}},
                   "required": ["name", "arguments"], "additionalProperties": False}
-                 for n in names]
+                 for i, n in enumerate(names)]
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
         if self.parallel and self.mode != "named":
-            return {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]}
-        return one
+            one = {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]}
+        return {**one, "$defs": defs}
 
     def grammar(self) -> dict[str, Any] | None:
         if self.mode in ("required", "named"):
@@ -188,6 +172,15 @@ class ToolPlan:
         }[self.mode]
         return "# Tools\nYou can call these functions:\n" + json.dumps(
             self.descriptions, ensure_ascii=False) + "\n" + how
+
+    def violation(self, calls: list[dict[str, Any]]) -> str | None:
+        """Why parsed ``calls`` break their functions' schemas, or None."""
+        for call in calls:
+            fn = call["function"]
+            why = self.schemas[fn["name"]].violation(json.loads(fn["arguments"]))
+            if why:
+                return f"the arguments of '{fn['name']}' break its parameters schema {why}"
+        return None
 
     def parse(self, text: str) -> list[dict[str, Any]] | None:
         """OpenAI ``tool_calls`` from generated text, or None when it is plain text."""
@@ -241,3 +234,21 @@ def _maybe_json(value: str) -> Any:
         return json.loads(value)
     except (TypeError, ValueError):
         return value
+
+
+def answer_violation(text: str, response_format: dict[str, Any] | None) -> str | None:
+    """Why a finished answer breaks ``response_format`` (json_object/json_schema), or None.
+    """
+    kind = (response_format or {}).get("type", "text")
+    if kind not in ("json_object", "json_schema"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return f"the answer is not JSON: {text[:120]!r}"
+    if kind == "json_object":
+        return None if isinstance(value, dict) else "the answer is not a JSON object"
+    schema = check_schema(response_format["json_schema"]["schema"],  # type: ignore[index]
+                          "response_format.json_schema.schema")
+    why = schema.violation(value)
+    return f"the answer breaks the schema {why}" if why else None

@@ -20,10 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
-
 from fmserve.errors import BadGateway, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, ChatMessage
+from fmserve.protocol.schemas import load_schema
 
 Body = dict[str, Any]
 
@@ -130,11 +129,7 @@ def tools_of(req: ChatCompletionRequest) -> list[Tool]:
         if not isinstance(params, dict):
             raise InvalidParameterValue(f"tools[{i}].function.parameters is required "
                                         f"(a JSON schema object)")
-        try:
-            jsonschema.Draft202012Validator.check_schema(params)
-        except jsonschema.SchemaError as exc:
-            raise InvalidParameterValue(f"tools[{i}].function.parameters is not a valid JSON "
-                                        f"schema: {exc.message}") from None
+        load_schema(params, f"tools[{i}].function.parameters")
         out.append(Tool(fn["name"], fn.get("description") or "", params, fn.get("strict")))
     return out
 
@@ -222,11 +217,7 @@ def response_schema(req: ChatCompletionRequest) -> tuple[str, dict[str, Any] | N
     schema = js.get("schema")
     if not isinstance(schema, dict):
         raise InvalidParameterValue("response_format.json_schema.schema is required")
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise InvalidParameterValue(f"response_format.json_schema.schema is invalid: "
-                                    f"{exc.message}") from None
+    load_schema(schema, "response_format.json_schema.schema")
     return "json_schema", schema, str(js.get("name") or "response")
 
 
@@ -248,12 +239,10 @@ def check_structured(text: str, req: ChatCompletionRequest) -> None:
         raise BadGateway("The model's answer is JSON but not an object (response_format "
                          "json_object).")
     if schema is not None:
-        err = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(schema).iter_errors(value))
-        if err is not None:
-            path = "/".join(str(p) for p in err.absolute_path) or "(root)"
+        why = load_schema(schema, "response_format.json_schema.schema").violation(value)
+        if why:
             raise BadGateway(f"The model's answer does not match the response_format schema "
-                             f"at {path}: {err.message}")
+                             f"{why}")
 
 
 def estimate_reasoning_tokens(thinking_chars: int) -> int:

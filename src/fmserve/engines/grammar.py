@@ -1,0 +1,285 @@
+"""Grammar-constrained decoding with llguidance (runs inside a llama.cpp worker).
+
+llguidance (https://github.com/guidance-ai/llguidance, the engine behind llama.cpp's
+``--llguidance`` and Guidance) turns a JSON Schema or a Lark grammar into a
+token-level matcher over the model's own vocabulary: it says which tokens may come
+next (a bitmask, one bit per token) and consumes the chosen one. It is written in
+Rust: a schema it cannot handle is an error value, never a crash, and grammar
+construction and mask computation run under fuel limits (:data:`LIMITS`), so no
+schema can hang or kill the worker. Construction drops the GIL; it runs in a thread
+with a time bound (:data:`COMPILE_TIMEOUT_S`).
+
+Grammar specs come from :mod:`fmserve.engines.structured`:
+
+* ``{"type": "json_object"}`` — any JSON object;
+* ``{"type": "json_schema", "schema": S}`` — JSON conforming to ``S``;
+* ``{"type": "tool_auto", "schema": S}`` — a call conforming to ``S``, or free text
+  whose first character is not ``{``, ``[`` or white space.
+
+JSON is generated compactly (``", "`` and ``": "`` separators, no other white
+space: a small model cannot run away in newlines), ``oneOf`` is matched as
+``anyOf`` and keywords llguidance does not implement are skipped (``lenient``) —
+the finished answer is checked against the full schema afterwards
+(:meth:`fmserve.protocol.schemas.OutputSchema.violation`).
+
+:class:`GrammarCompiler` caches one compiled matcher per spec (by canonical digest)
+and hands out deep copies; :class:`ConstrainedSampler` and :func:`apply_mask` apply
+it to a sampler chain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import numpy as np
+
+from fmserve.protocol.schemas import digest_of
+
+log = logging.getLogger("fmserve.grammar")
+
+COMPILE_TIMEOUT_S = 5.0
+CACHE_SIZE = 128
+# llguidance's resource bounds (its defaults, with a smaller grammar ceiling).
+LIMITS_KW = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000,
+             "step_lexer_fuel": 200_000, "step_max_items": 50_000,
+             "max_lexer_states": 250_000, "verbose_errors": False}
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                "coerce_one_of": True, "lenient": True}
+# Free text for tool_choice "auto": anything that does not open a JSON value.
+_FREE_TEXT = r"/[^{\[\s][\s\S]*/"
+
+
+class GrammarError(ValueError):
+    """A grammar spec that cannot be compiled or enforced; the message says why."""
+
+
+def _with_options(schema: Any) -> dict[str, Any]:
+    if schema is True:
+        schema = {}
+    if schema is False:
+        raise GrammarError("the schema is `false`: no value can satisfy it")
+    return {**schema, "x-guidance": JSON_OPTIONS}
+
+
+def grammar_text(spec: dict[str, Any]) -> str:
+    """The llguidance grammar (its JSON text) for a grammar spec (see module doc).
+
+    Raises:
+        GrammarError: an unknown spec type.
+    """
+    from llguidance import LLMatcher
+
+    kind = spec.get("type")
+    if kind == "json_object":
+        return LLMatcher.grammar_from_json_schema(_with_options({"type": "object"}))
+    if kind == "json_schema":
+        return LLMatcher.grammar_from_json_schema(_with_options(spec["schema"]))
+    if kind == "tool_auto":
+        call = json.dumps(_with_options(spec["schema"]), ensure_ascii=False)
+        return LLMatcher.grammar_from_lark(
+            f"start: call | free\ncall: %json {call}\nfree: {_FREE_TEXT}\n")
+    raise GrammarError(f"unknown grammar type {kind!r}")
+
+
+class GrammarCompiler:
+    """Compiles grammar specs for one model's vocabulary; caches them by digest.
+
+    Args:
+        vocab: the model's ``llama_vocab`` pointer.
+        n_vocab: vocabulary size (tokens).
+
+    Every end-of-generation token of the vocabulary (``llama_vocab_is_eog``) may end
+    an answer the grammar accepts.
+    """
+
+    def __init__(self, vocab: Any, n_vocab: int) -> None:
+        self._vocab, self.n_vocab = vocab, n_vocab
+        self._tokenizer: Any = None
+        self._eos: frozenset[int] | None = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        self.compile_ms: list[float] = []  # recent compile times, for diagnostics
+
+    def tokenizer(self) -> Any:
+        """llguidance's view of the vocabulary (built once, ~1 s)."""
+        with self._lock:
+            if self._tokenizer is None:
+                import llama_cpp
+                from llguidance.llamacpp import lltokenizer_from_vocab
+
+                eog = [t for t in range(self.n_vocab)
+                       if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
+                with warnings.catch_warnings():  # it calls llama_token_get_attr (deprecated)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._tokenizer = lltokenizer_from_vocab(self._vocab, n_vocab=self.n_vocab,
+                                                             eos_token=eog)
+            return self._tokenizer
+
+    @property
+    def eos(self) -> frozenset[int]:
+        """The end-of-generation tokens the matchers accept."""
+        if self._eos is None:
+            self._eos = frozenset(self.tokenizer().eos_tokens)
+        return self._eos
+
+    def matcher(self, spec: dict[str, Any]) -> Any:
+        """A fresh ``llguidance.LLMatcher`` for ``spec``, at the start of the answer.
+
+        Raises:
+            GrammarError: the spec does not compile, exceeds the limits, or took longer
+                than :data:`COMPILE_TIMEOUT_S`.
+        """
+        key = digest_of(spec)
+        template = self._cache.get(key)
+        if template is None:
+            template = self._compile(spec)
+            self._cache[key] = template
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return template.deep_copy()
+
+    def _compile(self, spec: dict[str, Any]) -> Any:
+        t0 = time.perf_counter()
+        future = self._pool.submit(self._build, spec)
+        try:
+            matcher = future.result(timeout=COMPILE_TIMEOUT_S)
+        except FutureTimeout:
+            raise GrammarError(f"the schema took longer than {COMPILE_TIMEOUT_S:g} s to "
+                               "compile; simplify it") from None
+        ms = (time.perf_counter() - t0) * 1000
+        self.compile_ms = [*self.compile_ms[-255:], ms]
+        warnings = matcher.get_grammar_warnings()
+        if warnings:
+            log.info("grammar %s compiled in %.1f ms; not enforced by the grammar (checked "
+                     "on the answer): %s", digest_of(spec)[:12], ms, "; ".join(warnings))
+        return matcher
+
+    def _build(self, spec: dict[str, Any]) -> Any:
+        from llguidance import LLMatcher, LLParserLimits
+
+        try:
+            text = grammar_text(spec)
+            matcher = LLMatcher(self.tokenizer(), text, log_level=0,
+                                limits=LLParserLimits(**LIMITS_KW))
+            if not matcher.is_error():  # the first mask builds the lexer: bound it here
+                mask = np.empty((self.n_vocab + 31) // 32, dtype=np.int32)
+                matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+        except GrammarError:
+            raise
+        except BaseException as exc:  # pyo3 panics derive from BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise GrammarError(f"{type(exc).__name__}: {exc}"[:500]) from None
+        if matcher.is_error():
+            raise GrammarError(_reason(matcher.get_error()))
+        return matcher
+
+
+def _reason(error: str) -> str:
+    """llguidance's error text on one line: ``regex parse error in '(?=a)b': look-around,
+    including look-ahead and look-behind, is not supported``."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    if not lines:
+        return "invalid grammar"
+    head = lines[0].removeprefix("Error: ")
+    detail = next((line for line in reversed(lines) if line.startswith("error:")), None)
+    if detail is not None and len(lines) >= 3:
+        head = f"{head.rstrip(':')} in {lines[1]!r}: {detail.removeprefix('error: ')}"
+    return head[:500]
+
+
+class Mask:
+    """A token bitmask buffer for one vocabulary, applied to logits in place."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.n_vocab = n_vocab
+        self.words = np.empty((n_vocab + 31) // 32, dtype=np.int32)
+
+    def allowed(self, matcher: Any) -> np.ndarray:
+        """Booleans (n_vocab): which tokens ``matcher`` allows next.
+
+        Raises:
+            GrammarError: the matcher ran out of fuel or entered an error state.
+        """
+        matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+        if matcher.is_error():
+            raise GrammarError(_reason(matcher.get_error()))
+        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")
+        return bits[:self.n_vocab].astype(bool)
+
+    def apply(self, matcher: Any, logits: np.ndarray) -> None:
+        """Sets the logits of disallowed tokens to -inf (``logits``: float32, n_vocab)."""
+        logits[~self.allowed(matcher)] = -np.inf
+
+
+class ConstrainedSampler:
+    """A llama.cpp sampler chain whose picks obey a grammar matcher.
+
+    As llama.cpp's ``common_sampler_sample`` does: sample with the chain, check only
+    the chosen token against the grammar, and only when it is refused mask the whole
+    vocabulary and sample again. The output obeys the grammar either way.
+    """
+
+    def __init__(self, n_vocab: int, chain: Any, matcher: Any, eos: frozenset[int]) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.chain = chain
+        self.matcher = matcher
+        self.eos = eos
+        self.n_vocab = n_vocab
+        self._full = (llama_cpp.llama_token_data * n_vocab)()
+        self._view = np.ctypeslib.as_array(self._full)  # fields id, logit, p
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._mask = Mask(n_vocab)
+        self.rejected = 0  # picks the grammar refused (resampled), for diagnostics
+
+    def _candidates(self, ctx: Any, idx: int) -> Any:
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(ctx.ctx, idx),
+                                       shape=(self.n_vocab,))
+        self._view["id"] = self._ids
+        self._view["logit"] = logits
+        self._view["p"] = 0.0
+        return self._lib.llama_token_data_array(data=self._full, size=self.n_vocab,
+                                                selected=-1, sorted=False)
+
+    def sample(self, ctx: Any, idx: int) -> int:
+        """The next token of the sequence whose logits are row ``idx`` of ``ctx``.
+
+        Raises:
+            GrammarError: the matcher failed (limits); the sequence must end.
+        """
+        lib = self._lib
+        arr = self._candidates(ctx, idx)
+        lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
+        tok = int(self._full[arr.selected].id)
+        # validate_tokens does not count an end-of-generation token; it may end an
+        # answer the grammar accepts.
+        ok = (self.matcher.is_accepting() if tok in self.eos
+              else self.matcher.validate_tokens([tok]) == 1)
+        if not ok:
+            self.rejected += 1
+            arr = self._candidates(ctx, idx)
+            self._mask.apply(self.matcher, self._view["logit"])
+            lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
+            tok = int(self._full[arr.selected].id)
+        if not self.matcher.consume_token(tok):
+            raise GrammarError(_reason(self.matcher.get_error()) or
+                               "the grammar refused the sampled token")
+        lib.llama_sampler_accept(self.chain.sampler, tok)
+        return tok
+
+    def close(self) -> None:
+        self.chain.close()
