@@ -49,6 +49,13 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
+from rich.progress import (  # noqa: E402
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from fmserve.protocol.schemas import load_schema  # noqa: E402
 from fmserve.testing import LocalServer, start_server, stop_server  # noqa: E402
@@ -141,12 +148,20 @@ async def bench_e2e(srv: LocalServer, rows: list[dict[str, Any]], forms: list[st
     async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=600) as http:
         async def one(row: dict[str, Any], form: str) -> None:
             async with sem:
+                t0 = time.perf_counter()
                 r = await http.post(f"/serving-endpoints/{CHAT}/invocations",
                                     json=_body(row, form, max_tokens))
+                took = time.perf_counter() - t0
             outcome, detail = classify(row, form, r)
             results.append((row["subset"], row["id"], form, outcome, detail))
+            progress.advance(task)
+            if took > 30:
+                progress.console.print(f"slow: {row['id']} {form} {took:.0f} s {outcome}")
 
-        await asyncio.gather(*(one(row, form) for row in rows for form in forms))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn()) as progress:
+            task = progress.add_task("end to end", total=len(rows) * len(forms))
+            await asyncio.gather(*(one(row, form) for row in rows for form in forms))
     return results
 
 

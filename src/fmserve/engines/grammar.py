@@ -38,11 +38,12 @@ import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from fmserve.protocol.schemas import digest_of
+from fmserve.protocol.schemas import KEYWORDS, digest_of, rebuild
 
 log = logging.getLogger("fmserve.grammar")
 
@@ -62,19 +63,107 @@ class GrammarError(ValueError):
     """A grammar spec that cannot be compiled or enforced; the message says why."""
 
 
-def _with_options(schema: Any) -> dict[str, Any]:
+# Left out of the grammar's copy of a schema: keywords that constrain nothing, and
+# those llguidance 1.9 does not implement ("Unimplemented keys"), which the answer
+# check enforces instead.
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment",
+                          "deprecated", "readOnly", "writeOnly", "contentEncoding",
+                          "contentMediaType", "contentSchema"})
+UNENFORCED = frozenset({"not", "if", "then", "else", "dependencies", "dependentSchemas",
+                        "dependentRequired", "contains", "minContains", "maxContains",
+                        "unevaluatedItems", "unevaluatedProperties", "propertyNames",
+                        "uniqueItems", "$dynamicAnchor", "$dynamicRef", "$recursiveRef",
+                        "$recursiveAnchor"})
+_LEFT_OUT = _ANNOTATIONS | UNENFORCED
+
+
+@dataclass(frozen=True)
+class Relax:
+    """What the grammar leaves to the answer check when llguidance refuses it.
+
+    Attributes:
+        patterns: ``pattern`` regexes it cannot run (look-around, back-references).
+        bare_refs: ``$ref`` siblings and the other members of an ``allOf`` holding a
+            ``$ref`` are dropped (it cannot merge them with a recursive ref).
+    """
+
+    patterns: frozenset[str] = frozenset()
+    bare_refs: bool = False
+
+
+def grammar_view(schema: Any, relax: Relax = Relax()) -> Any:
+    """The copy of a schema the grammar is built from.
+
+    * annotations go, and so do unknown keywords and ``$schema`` below the root
+      (they constrain nothing; a root-level unknown key may hold definitions that
+      ``$ref``s point to), and the keywords of :data:`UNENFORCED`;
+    * a ``$ref`` with sibling constraints becomes ``allOf: [{"$ref"}, {siblings}]``
+      (their 2019-09+ meaning); with ``relax.bare_refs`` it stays a bare ``$ref``, an
+      ``allOf`` with a ``$ref`` member becomes its first such member, and an
+      ``anyOf``/``oneOf`` with one loses its sibling keywords;
+    * the ``pattern``s in ``relax.patterns`` go.
+
+    Whatever goes is still checked on the finished answer.
+    """
+    def view(obj: dict[str, Any], path: str) -> dict[str, Any]:
+        out = {k: v for k, v in obj.items()
+               if (k in KEYWORDS or not path) and k not in _LEFT_OUT
+               and not (k == "pattern" and v in relax.patterns)
+               and not (k == "$schema" and path)}
+        if relax.bare_refs:  # a recursive ref cannot be merged with anything
+            if isinstance(out.get("allOf"), list):
+                refs = [m for m in out["allOf"] if isinstance(m, dict) and "$ref" in m]
+                if refs:
+                    out = {**{k: v for k, v in out.items() if k != "allOf"}, **refs[0]}
+            for key in ("anyOf", "oneOf"):
+                if isinstance(out.get(key), list) and any(
+                        isinstance(m, dict) and "$ref" in m for m in out[key]):
+                    out = {k: v for k, v in out.items()
+                           if k in (key, "$defs", "definitions") or not path}
+        if "$ref" in out and len(out) > 1:
+            keep = {k: out.pop(k) for k in list(out)
+                    if k in ("$defs", "definitions") or (not path and (
+                        k == "$schema" or k not in KEYWORDS))}
+            ref = {"$ref": out.pop("$ref")}
+            out = {**keep, **({"allOf": [ref, out]} if out and not relax.bare_refs else ref)}
+        return out
+
+    return rebuild(schema, view)
+
+
+def _patterns(schema: Any) -> set[str]:
+    found: set[str] = set()
+
+    def collect(obj: dict[str, Any], _: str) -> dict[str, Any]:
+        if isinstance(obj.get("pattern"), str):
+            found.add(obj["pattern"])
+        return obj
+
+    rebuild(schema, collect)
+    return found
+
+
+def unsupported_patterns(schema: Any) -> frozenset[str]:
+    """The ``pattern`` regexes of ``schema`` that llguidance cannot compile."""
+    from llguidance import LLMatcher
+
+    return frozenset(p for p in _patterns(schema) if LLMatcher.validate_grammar(
+        LLMatcher.grammar_from_json_schema({"type": "string", "pattern": p})))
+
+
+def _with_options(schema: Any, relax: Relax = Relax()) -> dict[str, Any]:
     if schema is True:
         schema = {}
     if schema is False:
         raise GrammarError("the schema is `false`: no value can satisfy it")
-    return {**schema, "x-guidance": JSON_OPTIONS}
+    return {**grammar_view(schema, relax), "x-guidance": JSON_OPTIONS}
 
 
-def grammar_text(spec: dict[str, Any]) -> str:
+def grammar_text(spec: dict[str, Any], relax: Relax = Relax()) -> str:
     """The llguidance grammar (its JSON text) for a grammar spec (see module doc).
 
     Raises:
-        GrammarError: an unknown spec type.
+        GrammarError: an unknown spec type, or a ``false`` schema.
     """
     from llguidance import LLMatcher
 
@@ -82,9 +171,9 @@ def grammar_text(spec: dict[str, Any]) -> str:
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema(_with_options({"type": "object"}))
     if kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(_with_options(spec["schema"]))
+        return LLMatcher.grammar_from_json_schema(_with_options(spec["schema"], relax))
     if kind == "tool_auto":
-        call = json.dumps(_with_options(spec["schema"]), ensure_ascii=False)
+        call = json.dumps(_with_options(spec["schema"], relax), ensure_ascii=False)
         return LLMatcher.grammar_from_lark(
             f"start: call | free\ncall: %json {call}\nfree: {_FREE_TEXT}\n")
     raise GrammarError(f"unknown grammar type {kind!r}")
@@ -170,9 +259,17 @@ class GrammarCompiler:
         from llguidance import LLMatcher, LLParserLimits
 
         try:
-            text = grammar_text(spec)
-            matcher = LLMatcher(self.tokenizer(), text, log_level=0,
-                                limits=LLParserLimits(**LIMITS_KW))
+            relax = Relax()
+            while True:
+                matcher = LLMatcher(self.tokenizer(), grammar_text(spec, relax),
+                                    log_level=0, limits=LLParserLimits(**LIMITS_KW))
+                more = _relaxed(spec, relax, matcher.get_error()) if matcher.is_error() \
+                    else None
+                if more is None:
+                    break
+                log.info("grammar %s leaves to the answer check: %s", digest_of(spec)[:12],
+                         more)
+                relax = more
             if not matcher.is_error():  # the first mask builds the lexer: bound it here
                 mask = np.empty((self.n_vocab + 31) // 32, dtype=np.int32)
                 matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
@@ -185,6 +282,18 @@ class GrammarCompiler:
         if matcher.is_error():
             raise GrammarError(_reason(matcher.get_error()))
         return matcher
+
+
+def _relaxed(spec: dict[str, Any], relax: Relax, error: str) -> Relax | None:
+    """A looser view after llguidance refused this one with ``error``, or None."""
+    if "schema" not in spec:
+        return None
+    if "regex parse error" in error and not relax.patterns:
+        patterns = unsupported_patterns(spec["schema"])
+        return replace(relax, patterns=patterns) if patterns else None
+    if "circular references with sibling keys" in error and not relax.bare_refs:
+        return replace(relax, bare_refs=True)
+    return None
 
 
 def _reason(error: str) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,25 +150,36 @@ def _draft_for(schema: Any, where: str) -> Any:
                                 f"{first.message[:300]}")
 
 
-def _unknown_keywords(node: Any, path: str, out: list[str]) -> None:
+def rebuild(node: Any, fn: Callable[[dict[str, Any], str], Any], path: str = "") -> Any:
+    """A copy of a schema rebuilt bottom-up: ``fn(schema_object, path)`` is applied to
+    every schema object (its subschemas already rebuilt) and returns its replacement.
+
+    Only schema positions are visited (``properties`` values, ``items``, ``anyOf``
+    members, ...); ``enum``/``const``/``default`` values and unknown keywords are data.
+    ``path`` is JSON-pointer-like: ``properties.a.items[0]``.
+    """
     if not isinstance(node, dict):
-        return
+        return node
+    out: dict[str, Any] = {}
     for key, value in node.items():
         here = f"{path}.{key}" if path else key
-        if key not in KEYWORDS:
-            out.append(here)
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
-            for name, sub in value.items():
-                _unknown_keywords(sub, f"{here}.{name}", out)
-        elif key in _SCHEMA_LISTS and isinstance(value, list) or (
-                key == "items" and isinstance(value, list)):
-            for i, sub in enumerate(value):
-                _unknown_keywords(sub, f"{here}[{i}]", out)
+        if key in (*_SCHEMA_MAPS, "dependencies") and isinstance(value, dict):
+            out[key] = {name: rebuild(sub, fn, f"{here}.{name}") for name, sub in value.items()}
+        elif (key in _SCHEMA_LISTS or key == "items") and isinstance(value, list):
+            out[key] = [rebuild(sub, fn, f"{here}[{i}]") for i, sub in enumerate(value)]
         elif key in _SCHEMA_ONE or key == "items":
-            _unknown_keywords(value, here, out)
-        elif key == "dependencies" and isinstance(value, dict):
-            for name, sub in value.items():
-                _unknown_keywords(sub, f"{here}.{name}", out)
+            out[key] = rebuild(value, fn, here)
+        else:
+            out[key] = value
+    return fn(out, path)
+
+
+def _unknown_keywords(node: Any, path: str, out: list[str]) -> None:
+    def collect(obj: dict[str, Any], here: str) -> dict[str, Any]:
+        out.extend(f"{here}.{k}" if here else k for k in obj if k not in KEYWORDS)
+        return obj
+
+    rebuild(node, collect, path)
 
 
 def ref_rooted(schema: Any, base: str) -> Any:
@@ -175,24 +187,17 @@ def ref_rooted(schema: Any, base: str) -> Any:
 
     Used to nest a whole schema (a tool's ``parameters`` with its ``$defs``) under
     ``#/$defs/<name>`` of a larger one: ``{"$ref": "#/$defs/Item"}`` becomes
-    ``{"$ref": "#/$defs/<name>/$defs/Item"}``. Values of ``enum``, ``const``,
-    ``default`` and ``examples`` are data and stay as they are.
+    ``{"$ref": "#/$defs/<name>/$defs/Item"}``. Nested, the part is no longer a document
+    of its own: its ``$schema`` and ``$id`` go.
     """
-    if isinstance(schema, list):
-        return [ref_rooted(v, base) for v in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in ("enum", "const", "default", "examples"):
-            out[key] = value
-        elif key in ("$ref", "$dynamicRef", "$recursiveRef") and isinstance(value, str) \
-                and value.startswith("#"):
-            out[key] = base + value[1:]
-        elif key in ("$schema", "$id", "id") and isinstance(value, str):
-            continue  # nested, the part no longer is a document of its own
-        elif key in (*_SCHEMA_MAPS, "dependencies") and isinstance(value, dict):
-            out[key] = {name: ref_rooted(sub, base) for name, sub in value.items()}
-        else:
-            out[key] = ref_rooted(value, base)
-    return out
+    def reroot(obj: dict[str, Any], _: str) -> dict[str, Any]:
+        out = {}
+        for key, value in obj.items():
+            if key in ("$ref", "$dynamicRef", "$recursiveRef") and isinstance(value, str) \
+                    and value.startswith("#"):
+                out[key] = base + value[1:]
+            elif not (key in ("$schema", "$id", "id") and isinstance(value, str)):
+                out[key] = value
+        return out
+
+    return rebuild(schema, reroot)
