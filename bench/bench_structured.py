@@ -17,7 +17,9 @@ line with ``id``, ``subset`` and ``schema``. What it measures, in one run:
 2. **End to end** — a real ``fmserve serve`` (fresh home, bundled SmolLM2), the first
    ``--per-subset`` schemas of each subset, each sent twice with ``temperature: 0``,
    ``max_tokens`` ``--max-tokens`` (384), ``--concurrency`` (8) requests at a time:
-   as ``response_format: json_schema`` and as the parameters of a forced tool
+   (the prompt asks for a short example and shows the schema's first
+   :data:`SCHEMA_IN_PROMPT` characters), as ``response_format: json_schema`` and as
+   the parameters of a forced tool
    (``tool_choice: required``). Each answer is one of: **valid** (finished with
    ``stop`` / ``tool_calls`` and validates with ``jsonschema`` under the schema's own
    draft), **length** (cut by
@@ -62,6 +64,7 @@ from fmserve.testing import LocalServer, start_server, stop_server  # noqa: E402
 
 CHAT = "databricks-smollm2-135m-instruct"
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/jsonschemabench-dev.jsonl"
+SCHEMA_IN_PROMPT = 400  # characters of the schema shown in the prompt (compact JSON)
 OUTCOMES = ("valid", "length", "refused", "reported", "non-conforming", "5xx")
 
 
@@ -102,9 +105,13 @@ def bench_compile(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _body(row: dict[str, Any], form: str, max_tokens: int) -> dict[str, Any]:
+    schema_text = json.dumps(row["schema"], separators=(",", ":"))
+    if len(schema_text) > SCHEMA_IN_PROMPT:
+        schema_text = schema_text[:SCHEMA_IN_PROMPT] + "…"
     body: dict[str, Any] = {"messages": [
-        {"role": "system", "content": "You produce realistic example data."},
-        {"role": "user", "content": f"Give an example for '{row['id'].split('/')[-1]}'."}],
+        {"role": "system", "content": "You produce realistic, short example data as JSON."},
+        {"role": "user", "content": f"Give a short example for '{row['id'].split('/')[-1]}' "
+                                    f"following this JSON Schema: {schema_text}"}],
         "max_tokens": max_tokens, "temperature": 0}
     if form == "response_format":
         body["response_format"] = {"type": "json_schema", "json_schema": {

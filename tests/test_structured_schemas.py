@@ -286,3 +286,121 @@ def test_compile_failure_is_a_400_and_the_worker_survives(server: Server) -> Non
     assert r.status_code == 400 and r.json()["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "cannot be enforced" in r.json()["message"]
     assert _chat_pid(server) == pid
+
+
+# -- both llama.cpp engines, in this process ------------------------------------------------
+PERSON = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+
+
+def _events(engine: Any, msgs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs requests through an engine in this process; each request's events by id."""
+    import queue
+
+    from fmserve.engines.worker_main import CancelSet
+
+    events: list[dict[str, Any]] = []
+    if hasattr(engine, "run"):
+        inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        for msg in msgs:
+            inbox.put(msg)
+        inbox.put(None)
+        engine.run(inbox, CancelSet(), events.append)
+    else:
+        for msg in msgs:
+            engine.handle(msg, events.append, lambda: False)
+    by: dict[str, list[dict[str, Any]]] = {}
+    for ev in events:
+        by.setdefault(ev["id"], []).append(ev)
+    return by
+
+
+def _text(evs: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in evs if e["t"] == "tok")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_engines_enforce_grammars_next_to_free_requests(batched: bool) -> None:
+    from fmserve.engines import bundled
+    from fmserve.engines.llama_batched import BatchedLlamaEngine
+    from fmserve.engines.llama_engine import LlamaEngine
+
+    spec = {"model_path": str(bundled.smollm2_gguf()), "n_ctx": 1024, "n_threads": 2}
+    engine = BatchedLlamaEngine({**spec, "max_seqs": 4}) if batched else LlamaEngine(spec)
+    chat = [{"role": "user", "content": "Describe a person."}]
+    grammar = {"type": "json_schema", "schema": PERSON}
+    by = _events(engine, [
+        {"op": "generate", "id": "json", "messages": chat,
+         "params": {"max_tokens": 60, "temperature": 0.7, "grammar": grammar}},
+        {"op": "generate", "id": "free", "messages": chat,
+         "params": {"max_tokens": 20, "temperature": 0}},
+        {"op": "generate", "id": "bad", "messages": chat, "params": {
+            "max_tokens": 5, "grammar": {"type": "json_schema", "schema": {
+                "type": "integer", "minimum": 5, "maximum": 3}}}},
+        {"op": "generate", "id": "again", "messages": chat,  # the cached grammar
+         "params": {"max_tokens": 60, "temperature": 0, "grammar": grammar}},
+    ])
+    for rid in ("json", "again"):
+        assert by[rid][-1]["t"] == "end" and by[rid][-1]["finish_reason"] == "stop", by[rid]
+        jsonschema.validate(json.loads(_text(by[rid])), PERSON)
+    assert by["free"][-1]["t"] == "end" and _text(by["free"])
+    assert by["bad"] == [{"t": "err", "id": "bad", "code": "INVALID_PARAMETER_VALUE",
+                          "message": "The output schema cannot be enforced: Unsatisfiable "
+                                     "schema: minimum (5) is greater than maximum (3)"}]
+    assert len(engine.grammars.compile_ms) == 1  # PERSON, once (failures are not kept)
+
+
+def test_function_calling_dataset_type_names_are_read_as_json_types() -> None:
+    bfcl = {"type": "function", "function": {"name": "calc", "description": "BFCL style",
+            "parameters": {"type": "dict", "required": ["base", "dims"], "properties": {
+                "base": {"type": "float", "description": "The base."},
+                "dims": {"type": "tuple", "items": {"type": "integer"}},
+                "opts": {"type": "any"}}}}}
+    plan = ToolPlan([bfcl], "required")
+    params = plan.functions["calc"]
+    assert params["type"] == "object" and params["properties"]["base"]["type"] == "number"
+    assert params["properties"]["dims"]["type"] == "array"
+    assert "type" not in params["properties"]["opts"]
+    calls = plan.parse('{"name": "calc", "arguments": {"base": 2.5, "dims": [1, 2]}}')
+    assert calls and plan.violation(calls) is None
+
+
+def test_budget_steering_state_and_narrowing() -> None:
+    import numpy as np
+
+    from fmserve.engines.steering import BudgetSteer, ClosingTokens
+
+    pieces = [b'"', b'"}', b"}", b"]}", b'",', b"a", b" {", b'}"']
+    closing = ClosingTokens.of(len(pieces), lambda t: pieces[t])
+    assert closing.string.tolist() == [True, True, False, False, False, False, False, False]
+    assert closing.value.tolist() == [False, False, True, True, False, False, False, False]
+    steer = BudgetSteer(closing, budget=9)
+    for text in (b'{"', b"a", b'": [', b'{"', b'b\\"', b"c"):  # {"a": [{"b\"c
+        steer.after(text)
+    assert (steer.depth, steer.in_string, steer.left) == (3, True, 3)
+    assert steer.active
+    everything = np.ones(len(pieces), dtype=bool)
+    assert steer.narrow(everything).tolist() == closing.string.tolist()
+    none_close = np.array([False] * 4 + [True] * 4)
+    assert steer.narrow(none_close).tolist() == none_close.tolist()  # the grammar's own
+    plain = BudgetSteer(closing, budget=2)
+    plain.after(b"Hello")
+    assert not plain.active  # free text is never steered
+
+
+def test_capped_json_closes_instead_of_breaking() -> None:
+    from fmserve.engines import bundled
+    from fmserve.engines.llama_batched import BatchedLlamaEngine
+
+    open_schema = {"type": "object", "required": ["name"],
+                   "properties": {"name": {"type": "string"}}}  # more properties allowed
+    engine = BatchedLlamaEngine({"model_path": str(bundled.smollm2_gguf()), "n_ctx": 1024,
+                                 "n_threads": 2, "max_seqs": 2})
+    chat = [{"role": "user", "content": "Describe a person in detail, as JSON."}]
+    by = _events(engine, [{"op": "generate", "id": "1", "messages": chat, "params": {
+        "max_tokens": 24, "temperature": 0,
+        "grammar": {"type": "json_schema", "schema": open_schema}}}])
+    value = json.loads(_text(by["1"]))
+    jsonschema.validate(value, open_schema)
+    assert by["1"][-1]["completion_tokens"] <= 24

@@ -36,13 +36,15 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from fmserve.engines.steering import BudgetSteer, ClosingTokens
 from fmserve.protocol.schemas import KEYWORDS, digest_of, rebuild
 
 log = logging.getLogger("fmserve.grammar")
@@ -50,13 +52,16 @@ log = logging.getLogger("fmserve.grammar")
 COMPILE_TIMEOUT_S = 5.0
 CACHE_SIZE = 128
 # llguidance's resource bounds (its defaults, with a smaller grammar ceiling).
-LIMITS_KW = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000,
+LIMITS_KW: dict[str, Any] = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000,
              "step_lexer_fuel": 200_000, "step_max_items": 50_000,
              "max_lexer_states": 250_000, "verbose_errors": False}
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
                 "coerce_one_of": True, "lenient": True}
 # Free text for tool_choice "auto": anything that does not open a JSON value.
 _FREE_TEXT = r"/[^{\[\s][\s\S]*/"
+
+
+TOO_SLOW = (f"the schema took longer than {COMPILE_TIMEOUT_S:g} s to compile; simplify it")
 
 
 class GrammarError(ValueError):
@@ -194,7 +199,9 @@ class GrammarCompiler:
         self._vocab, self.n_vocab = vocab, n_vocab
         self._tokenizer: Any = None
         self._eos: frozenset[int] | None = None
-        self._lock = threading.Lock()
+        self._closing: ClosingTokens | None = None
+        self._lock = threading.Lock()  # the tokenizer
+        self._cache_lock = threading.Lock()
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         self.compile_ms: list[float] = []  # recent compile times, for diagnostics
@@ -221,6 +228,24 @@ class GrammarCompiler:
             self._eos = frozenset(self.tokenizer().eos_tokens)
         return self._eos
 
+    def closing(self) -> ClosingTokens:
+        """The vocabulary's closing tokens, for budget steering (built once)."""
+        if self._closing is None:
+            tok = self.tokenizer()
+            self._closing = ClosingTokens.of(self.n_vocab,
+                                             lambda t: tok.decode_bytes([t]))
+        return self._closing
+
+    def constraint(self, matcher: Any, budget: int) -> Constraint:
+        """What a sampler needs to enforce ``matcher`` on a ``budget``-token answer."""
+        tok = self.tokenizer()
+        return Constraint(matcher, self.eos, BudgetSteer(self.closing(), budget),
+                          lambda t: tok.decode_bytes([t]))
+
+    def warm(self) -> None:
+        """Builds the tokenizer view in the background (the first grammar needs it)."""
+        self._pool.submit(self.closing)
+
     def matcher(self, spec: dict[str, Any]) -> Any:
         """A fresh ``llguidance.LLMatcher`` for ``spec``, at the start of the answer.
 
@@ -228,32 +253,40 @@ class GrammarCompiler:
             GrammarError: the spec does not compile, exceeds the limits, or took longer
                 than :data:`COMPILE_TIMEOUT_S`.
         """
+        try:
+            return self.submit(spec).result(timeout=COMPILE_TIMEOUT_S)
+        except FutureTimeout:
+            raise GrammarError(TOO_SLOW) from None
+
+    def submit(self, spec: dict[str, Any]) -> Future[Any]:
+        """:meth:`matcher`, as a future: compiled in a thread (the GIL is dropped while
+        llguidance builds), so a decode loop goes on meanwhile; a cached spec's future
+        is already done. Its result raises :class:`GrammarError`."""
         key = digest_of(spec)
-        template = self._cache.get(key)
-        if template is None:
-            template = self._compile(spec)
+        with self._cache_lock:
+            template = self._cache.get(key)
+            if template is not None:
+                self._cache.move_to_end(key)
+        if template is not None:
+            done: Future[Any] = Future()
+            done.set_result(template.deep_copy())
+            return done
+        return self._pool.submit(self._compile, spec, key)
+
+    def _compile(self, spec: dict[str, Any], key: str) -> Any:
+        t0 = time.perf_counter()
+        template = self._build(spec)
+        ms = (time.perf_counter() - t0) * 1000
+        self.compile_ms = [*self.compile_ms[-255:], ms]
+        warnings = template.get_grammar_warnings()
+        if warnings:
+            log.info("grammar %s compiled in %.1f ms; not enforced by the grammar (checked "
+                     "on the answer): %s", key[:12], ms, "; ".join(warnings))
+        with self._cache_lock:
             self._cache[key] = template
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
         return template.deep_copy()
-
-    def _compile(self, spec: dict[str, Any]) -> Any:
-        t0 = time.perf_counter()
-        future = self._pool.submit(self._build, spec)
-        try:
-            matcher = future.result(timeout=COMPILE_TIMEOUT_S)
-        except FutureTimeout:
-            raise GrammarError(f"the schema took longer than {COMPILE_TIMEOUT_S:g} s to "
-                               "compile; simplify it") from None
-        ms = (time.perf_counter() - t0) * 1000
-        self.compile_ms = [*self.compile_ms[-255:], ms]
-        warnings = matcher.get_grammar_warnings()
-        if warnings:
-            log.info("grammar %s compiled in %.1f ms; not enforced by the grammar (checked "
-                     "on the answer): %s", digest_of(spec)[:12], ms, "; ".join(warnings))
-        return matcher
 
     def _build(self, spec: dict[str, Any]) -> Any:
         from llguidance import LLMatcher, LLParserLimits
@@ -309,6 +342,17 @@ def _reason(error: str) -> str:
     return head[:500]
 
 
+@dataclass
+class Constraint:
+    """A sequence's grammar: its matcher, the end-of-generation tokens it accepts, its
+    budget steering (:mod:`fmserve.engines.steering`) and token → bytes."""
+
+    matcher: Any
+    eos: frozenset[int]
+    steer: BudgetSteer
+    piece: Callable[[int], bytes]
+
+
 class Mask:
     """A token bitmask buffer for one vocabulary, applied to logits in place."""
 
@@ -334,20 +378,21 @@ class Mask:
 
 
 class ConstrainedSampler:
-    """A llama.cpp sampler chain whose picks obey a grammar matcher.
+    """A llama.cpp sampler chain whose picks obey a grammar :class:`Constraint`.
 
     As llama.cpp's ``common_sampler_sample`` does: sample with the chain, check only
     the chosen token against the grammar, and only when it is refused mask the whole
-    vocabulary and sample again. The output obeys the grammar either way.
+    vocabulary and sample again. The output obeys the grammar either way. Near the
+    end of the budget the mask is narrowed to closing tokens first (budget steering).
     """
 
-    def __init__(self, n_vocab: int, chain: Any, matcher: Any, eos: frozenset[int]) -> None:
+    def __init__(self, n_vocab: int, chain: Any, constraint: Constraint) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
         self.chain = chain
-        self.matcher = matcher
-        self.eos = eos
+        self.c = constraint
+        self.matcher = constraint.matcher
         self.n_vocab = n_vocab
         self._full = (llama_cpp.llama_token_data * n_vocab)()
         self._view = np.ctypeslib.as_array(self._full)  # fields id, logit, p
@@ -364,6 +409,13 @@ class ConstrainedSampler:
         return self._lib.llama_token_data_array(data=self._full, size=self.n_vocab,
                                                 selected=-1, sorted=False)
 
+    def _ok(self, tok: int) -> bool:
+        # validate_tokens does not count an end-of-generation token; it may end an
+        # answer the grammar accepts.
+        if tok in self.c.eos:
+            return bool(self.matcher.is_accepting())
+        return bool(self.matcher.validate_tokens([tok]) == 1)
+
     def sample(self, ctx: Any, idx: int) -> int:
         """The next token of the sequence whose logits are row ``idx`` of ``ctx``.
 
@@ -372,21 +424,25 @@ class ConstrainedSampler:
         """
         lib = self._lib
         arr = self._candidates(ctx, idx)
-        lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
-        tok = int(self._full[arr.selected].id)
-        # validate_tokens does not count an end-of-generation token; it may end an
-        # answer the grammar accepts.
-        ok = (self.matcher.is_accepting() if tok in self.eos
-              else self.matcher.validate_tokens([tok]) == 1)
-        if not ok:
-            self.rejected += 1
-            arr = self._candidates(ctx, idx)
-            self._mask.apply(self.matcher, self._view["logit"])
+        steer = self.c.steer
+        if steer.active:
+            allowed = steer.narrow(self._mask.allowed(self.matcher))
+            self._view["logit"][~allowed] = -np.inf
             lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
             tok = int(self._full[arr.selected].id)
+        else:
+            lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
+            tok = int(self._full[arr.selected].id)
+            if not self._ok(tok):
+                self.rejected += 1
+                arr = self._candidates(ctx, idx)
+                self._mask.apply(self.matcher, self._view["logit"])
+                lib.llama_sampler_apply(self.chain.sampler, ctypes.byref(arr))
+                tok = int(self._full[arr.selected].id)
         if not self.matcher.consume_token(tok):
             raise GrammarError(_reason(self.matcher.get_error()) or
                                "the grammar refused the sampled token")
+        steer.after(self.c.piece(tok))
         lib.llama_sampler_accept(self.chain.sampler, tok)
         return tok
 

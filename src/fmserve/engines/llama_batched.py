@@ -45,13 +45,16 @@ Prompt handling, stop sequences, UTF-8 and grammars are shared with
 from __future__ import annotations
 
 import queue
+import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
-from fmserve.engines.grammar import GrammarError
-from fmserve.engines.llama_engine import LlamaEngine
+from fmserve.engines.grammar import COMPILE_TIMEOUT_S, TOO_SLOW, GrammarError
+from fmserve.engines.llama_engine import LlamaEngine, schema_error
 from fmserve.engines.sampling import build_sampler, reproducible
 from fmserve.engines.textstream import TokenOutput
 
@@ -86,8 +89,9 @@ class _Prepared:
     tokens: list[int]
     params: dict[str, Any]
     room: int  # context tokens left after the prompt
-    grammar: Any  # an llguidance matcher or None
+    grammar: Any  # an llguidance matcher, a Future of one (compiling), or None
     reproducible: bool  # greedy or seeded: no prefix reuse
+    since: float  # time.monotonic() when it arrived
 
     @property
     def rid(self) -> str:
@@ -145,7 +149,19 @@ class BatchedLlamaEngine(LlamaEngine):
         free = list(range(self.max_seqs - 1, -1, -1))
         closing = False
         waiting: list[_Prepared] = []  # followers of a prefill in progress (see _follows)
+        compiling: list[_Prepared] = []  # their grammar is being compiled in a thread
         while True:
+            for req in list(compiling):
+                if cancelled.pop(req.rid):
+                    compiling.remove(req)
+                elif req.grammar.done() or time.monotonic() - req.since > COMPILE_TIMEOUT_S:
+                    compiling.remove(req)
+                    try:
+                        req.grammar = req.grammar.result(timeout=0)
+                        waiting.append(req)
+                    except (GrammarError, FutureTimeout) as exc:
+                        emit(schema_error(req.rid, exc if isinstance(exc, GrammarError)
+                                          else GrammarError(TOO_SLOW)))
             for req in list(waiting):
                 if cancelled.pop(req.rid):
                     waiting.remove(req)
@@ -154,7 +170,8 @@ class BatchedLlamaEngine(LlamaEngine):
                     self._place(req, free, active, emit)
             while free and not closing:  # admit new requests between steps
                 try:
-                    msg = inbox.get(block=not active and not waiting)
+                    idle = not active and not waiting
+                    msg = inbox.get(block=idle, timeout=0.002 if idle and compiling else None)
                 except queue.Empty:
                     break
                 if msg is None:  # finish what runs, then stop
@@ -165,7 +182,9 @@ class BatchedLlamaEngine(LlamaEngine):
                 new = self._prepare(msg, emit)
                 if new is None:
                     continue
-                if self._follows(new, active.values()):
+                if isinstance(new.grammar, Future):
+                    compiling.append(new)
+                elif self._follows(new, active.values()):
                     waiting.append(new)
                 else:
                     self._place(new, free, active, emit)
@@ -177,8 +196,10 @@ class BatchedLlamaEngine(LlamaEngine):
                     del active[seq.seq_id]
                     free.append(seq.seq_id)
             if not active:
-                if closing and not waiting:
+                if closing and not waiting and not compiling:
                     return
+                if compiling and not waiting:  # nothing to decode: wait for a grammar
+                    wait([r.grammar for r in compiling], timeout=0.05, return_when=FIRST_COMPLETED)
                 continue
             try:
                 finished = self._step(list(active.values()), emit)
@@ -199,11 +220,12 @@ class BatchedLlamaEngine(LlamaEngine):
             emit({"t": "err", "id": rid, "code": "INTERNAL_ERROR",
                   "message": f"llama_cpp worker cannot do {msg.get('op')!r}"})
             return None
-        prepared = self.prepare(msg, emit)
+        prepared = self.prepare(msg, emit, compile_grammar=False)
         if prepared is None:
             return None
         tokens, params, room, grammar = prepared
-        return _Prepared(msg, tokens, params, room, grammar, reproducible(params))
+        return _Prepared(msg, tokens, params, room, grammar, reproducible(params),
+                         time.monotonic())
 
     @staticmethod
     def _follows(req: _Prepared, active: Any) -> bool:
@@ -239,8 +261,9 @@ class BatchedLlamaEngine(LlamaEngine):
               "thinking": req.msg.get("_thinking", False)})
         max_tokens = min(int(params.get("max_tokens") or room), room)
         top = params.get("logprobs")
-        sampler = build_sampler(self.llm.n_vocab(), params, req.grammar,
-                                self.grammars.eos if req.grammar is not None else frozenset())
+        constraint = (None if req.grammar is None
+                      else self.grammars.constraint(req.grammar, max_tokens))
+        sampler = build_sampler(self.llm.n_vocab(), params, constraint)
         return _Seq(rid=rid, seq_id=seq_id, prompt=tokens, sampler=sampler,
                     out=self.output(rid, len(tokens), params, max_tokens, emit),
                     top_logprobs=None if top is None else int(top), n_past=reused,

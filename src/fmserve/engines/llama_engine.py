@@ -75,6 +75,7 @@ class LlamaEngine:
         self.threads = threads
         self.reasoning = bool(template and "<think>" in template)
         self.grammars = GrammarCompiler(self._vocab, self.llm.n_vocab())
+        self.grammars.warm()
         self.logprobs = LogprobReader(
             self.llm.n_vocab(),
             lambda row: llama_cpp.llama_get_logits_ith(self._decode_ctx(), row),
@@ -108,13 +109,14 @@ class LlamaEngine:
               "thinking": msg.get("_thinking", False)})
         self._generate(msg["id"], tokens, params, room, emit, cancelled, grammar)
 
-    def prepare(self, msg: dict[str, Any],
-                emit: Emit) -> tuple[list[int], dict[str, Any], int, Any] | None:
-        """Prompt tokens, params, room left in the context (tokens) and compiled grammar.
+    def prepare(self, msg: dict[str, Any], emit: Emit, compile_grammar: bool = True
+                ) -> tuple[list[int], dict[str, Any], int, Any] | None:
+        """Prompt tokens, params, room left in the context (tokens) and grammar.
 
         Emits an ``err`` event and returns None for a prompt the template rejects, a
         prompt longer than the context, or a schema that does not compile. The grammar
-        is an llguidance matcher (:mod:`fmserve.engines.grammar`) or None.
+        is an llguidance matcher (:mod:`fmserve.engines.grammar`), or None; with
+        ``compile_grammar`` False, a future of one (compiled in a thread).
         """
         rid = msg["id"]
         try:
@@ -132,12 +134,13 @@ class LlamaEngine:
             return None
         params = msg.get("params") or {}
         grammar = None
-        if params.get("grammar"):
+        if params.get("grammar") and not compile_grammar:
+            grammar = self.grammars.submit(params["grammar"])
+        elif params.get("grammar"):
             try:
                 grammar = self.grammars.matcher(params["grammar"])
             except GrammarError as exc:
-                emit({"t": "err", "id": rid, "code": "INVALID_PARAMETER_VALUE",
-                      "message": f"The output schema cannot be enforced: {exc}"})
+                emit(schema_error(rid, exc))
                 return None
         return tokens, params, room, grammar
 
@@ -168,7 +171,8 @@ class LlamaEngine:
             self.llm.reset()
         out = self.output(rid, len(tokens), params, max_tokens, emit)
         top = params.get("logprobs")
-        masker = None if grammar is None else _MaskProcessor(grammar, self.llm.n_vocab())
+        masker = None if grammar is None else _MaskProcessor(
+            self.grammars.constraint(grammar, max_tokens), self.llm.n_vocab())
         for tok in self.llm.generate(
             tokens,
             temp=DEFAULT_TEMPERATURE if temp is None else float(temp),
@@ -178,7 +182,7 @@ class LlamaEngine:
             repeat_penalty=float(params.get("repeat_penalty") or 1.0),
             presence_penalty=float(params.get("presence_penalty") or 0.0),
             frequency_penalty=float(params.get("frequency_penalty") or 0.0),
-            logits_processor=None if masker is None else [masker],
+            logits_processor=None if masker is None else self._lib.LogitsProcessorList([masker]),
         ):
             if cancelled():
                 out.finish("cancelled")
@@ -202,22 +206,32 @@ class LlamaEngine:
                                                                                   tok)))
 
 
+def schema_error(rid: str, exc: Exception) -> dict[str, Any]:
+    """The ``err`` event (400) of a request whose schema cannot be compiled."""
+    return {"t": "err", "id": rid, "code": "INVALID_PARAMETER_VALUE",
+            "message": f"The output schema cannot be enforced: {exc}"}
+
+
 class _MaskProcessor:
-    """``Llama.generate`` logits processor enforcing an llguidance matcher.
+    """``Llama.generate`` logits processor enforcing a grammar
+    (:class:`~fmserve.engines.grammar.Constraint`, budget steering included).
 
     llama-cpp-python calls it from a C callback, where a raised exception would be
     lost and the step left unconstrained; an error is therefore recorded, every token
-    but the end of generation masked, and the error reported by :meth:`consume`.
+    masked, and the error reported by :meth:`consume`.
     """
 
-    def __init__(self, matcher: Any, n_vocab: int) -> None:
-        self.matcher = matcher
+    def __init__(self, constraint: Any, n_vocab: int) -> None:
+        self.c = constraint
         self.mask = Mask(n_vocab)
         self.error: str | None = None
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         try:
-            self.mask.apply(self.matcher, scores)
+            allowed = self.mask.allowed(self.c.matcher)
+            if self.c.steer.active:
+                allowed = self.c.steer.narrow(allowed)
+            scores[~allowed] = -float("inf")
         except GrammarError as exc:
             self.error = str(exc)
             scores[:] = -float("inf")
@@ -225,6 +239,7 @@ class _MaskProcessor:
 
     def consume(self, tok: int) -> bool:
         """Feeds the sampled token to the matcher; False when decoding must stop."""
-        if self.error is None and not self.matcher.consume_token(tok):
-            self.error = self.matcher.get_error() or "the grammar refused the token"
+        if self.error is None and not self.c.matcher.consume_token(tok):
+            self.error = self.c.matcher.get_error() or "the grammar refused the token"
+        self.c.steer.after(self.c.piece(tok))
         return self.error is None

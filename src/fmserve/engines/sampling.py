@@ -26,11 +26,10 @@ def reproducible(params: dict[str, Any]) -> bool:
     return params.get("seed") is not None or (temp is not None and float(temp) == 0.0)
 
 
-def build_sampler(n_vocab: int, params: dict[str, Any], matcher: Any,
-                  eos: frozenset[int] = frozenset()) -> Any:
+def build_sampler(n_vocab: int, params: dict[str, Any], constraint: Any = None) -> Any:
     """A sampler for one sequence: ``sample(ctx, idx) -> token`` (accepts the token
-    into its state) and ``close()``. ``matcher`` is an llguidance ``LLMatcher`` or None;
-    ``eos``: the end-of-generation tokens it accepts at the end of an answer.
+    into its state) and ``close()``. ``constraint``: a grammar
+    (:class:`~fmserve.engines.grammar.Constraint`) or None.
     """
     from llama_cpp import _internals
 
@@ -52,8 +51,8 @@ def build_sampler(n_vocab: int, params: dict[str, Any], matcher: Any,
         s.add_min_p(float(params.get("min_p") or 0.0), 1)
         s.add_temp(temp)
         s.add_dist(seed)
-    if matcher is None:
+    if constraint is None:
         return s
     from fmserve.engines.grammar import ConstrainedSampler
 
-    return ConstrainedSampler(n_vocab, s, matcher, eos)
+    return ConstrainedSampler(n_vocab, s, constraint)

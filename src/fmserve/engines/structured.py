@@ -38,7 +38,7 @@ import uuid
 from typing import Any
 
 from fmserve.errors import InvalidParameterValue
-from fmserve.protocol.schemas import OutputSchema, load_schema, ref_rooted
+from fmserve.protocol.schemas import OutputSchema, load_schema, ref_rooted, with_type_aliases
 
 log = logging.getLogger("fmserve.structured")
 
@@ -106,12 +106,16 @@ class ToolPlan:
                 raise InvalidParameterValue(
                     f"\"parameters\" is a required property for \"function\" object in "
                     f"parameter \"tools\" (tools[{i}] '{fn['name']}').")
-            self.schemas[fn["name"]] = check_schema(fn["parameters"],
-                                                    f"tools[{i}].function.parameters")
-            self.functions[fn["name"]] = fn["parameters"]
+            where = f"tools[{i}].function.parameters"
+            params, aliased = with_type_aliases(fn["parameters"])
+            if aliased:
+                log.info("%s: type names read as JSON Schema types at %s", where,
+                         ", ".join(aliased))
+            self.schemas[fn["name"]] = check_schema(params, where)
+            self.functions[fn["name"]] = params
             self.descriptions.append({"name": fn["name"],
                                       "description": fn.get("description", ""),
-                                      "parameters": fn["parameters"]})
+                                      "parameters": params})
         self.parallel = parallel
         self.named: str | None = None
         if not self.functions:
@@ -149,7 +153,7 @@ class ToolPlan:
                                                    "arguments": {"$ref": f"#/$defs/fn{i}"}},
                   "required": ["name", "arguments"], "additionalProperties": False}
                  for i, n in enumerate(names)]
-        one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        one: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
         if self.parallel and self.mode != "named":
             one = {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]}
         return {**one, "$defs": defs}

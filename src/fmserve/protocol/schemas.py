@@ -182,6 +182,41 @@ def _unknown_keywords(node: Any, path: str, out: list[str]) -> None:
     rebuild(node, collect, path)
 
 
+# Type names of function-calling datasets written in Python/Java terms (BFCL's "dict",
+# "float", "tuple", ...) and their JSON Schema types; None: any type.
+TYPE_ALIASES: dict[str, str | None] = {
+    "dict": "object", "map": "object", "hashmap": "object", "float": "number",
+    "double": "number", "decimal": "number", "int": "integer", "long": "integer",
+    "short": "integer", "byte": "integer", "bigint": "integer", "bool": "boolean",
+    "str": "string", "char": "string", "list": "array", "tuple": "array",
+    "arraylist": "array", "set": "array", "any": None,
+}
+
+
+def with_type_aliases(schema: Any) -> tuple[Any, list[str]]:
+    """``schema`` with :data:`TYPE_ALIASES` (any case) replaced by JSON Schema types, and
+    the paths it changed; for tool parameters written for function-calling datasets."""
+    changed: list[str] = []
+
+    def fix(obj: dict[str, Any], path: str) -> dict[str, Any]:
+        t = obj.get("type")
+        names = [n for n in (t if isinstance(t, list) else [t]) if isinstance(n, str)]
+        if not any(n not in _JSON_TYPES and n.lower() in TYPE_ALIASES for n in names):
+            return obj
+        mapped = [n if n in _JSON_TYPES else TYPE_ALIASES.get(n.lower(), n) for n in names]
+        changed.append(f"{path}.type" if path else "type")
+        out = {k: v for k, v in obj.items() if k != "type"}
+        if None not in mapped:
+            types = list(dict.fromkeys(mapped))
+            out["type"] = types[0] if len(types) == 1 else types
+        return out
+
+    return rebuild(schema, fix), changed
+
+
+_JSON_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+
+
 def ref_rooted(schema: Any, base: str) -> Any:
     """A copy of ``schema`` whose local ``$ref``s (``#``, ``#/…``) point below ``base``.
 
