@@ -30,8 +30,9 @@ line with ``id``, ``subset`` and ``schema``. What it measures, in one run:
    e.g. 503 from a dead worker: must be 0). The chat worker's pid is read before
    and after: it must not change.
 3. **Decode speed** — single stream, tokens/s (decode only: (tokens − 1) / time from
-   first to last token) of ``json_schema`` requests on the 8 largest compiled schemas
-   vs unconstrained requests of the same length, alternated, temperature 0.7.
+   first to last streamed token) of ``json_schema`` requests vs the same request
+   without ``response_format``, alternated, temperature 0.7, ``max_tokens`` 128: on
+   ``bench_batching.py``'s small schema (3 reps) and on the 8 largest compiled schemas.
 """
 
 from __future__ import annotations
@@ -172,32 +173,43 @@ async def bench_e2e(srv: LocalServer, rows: list[dict[str, Any]], forms: list[st
     return results
 
 
-def bench_speed(srv: LocalServer, schemas: list[dict[str, Any]]) -> tuple[float, float]:
-    """Median decode tok/s: (json_schema, unconstrained)."""
+SMALL = {"id": "small/person", "schema": {  # bench_batching.py's schema
+    "type": "object", "required": ["name", "age", "hobbies", "city"],
+    "additionalProperties": False,
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                   "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+                   "city": {"type": "string",
+                            "enum": ["Paris", "London", "Tokyo", "New York", "Lima"]}}}}
+
+
+def bench_speed(srv: LocalServer, largest: list[dict[str, Any]],
+                reps: int = 3) -> dict[str, tuple[float, float]]:
+    """Median decode tok/s, (json_schema, the same request unconstrained), per case."""
     def run(body: dict[str, Any]) -> float | None:
         stamps: list[float] = []
         with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=600) as http, \
                 http.stream("POST", f"/serving-endpoints/{CHAT}/invocations",
                             json={**body, "stream": True}) as s:
             for line in s.iter_lines():
-                if line.startswith("data:") and '"content"' in line and line != "data: [DONE]":
-                    delta = json.loads(line[5:])["choices"][0]["delta"]
-                    if delta.get("content"):
+                if line.startswith("data:") and line != "data: [DONE]":
+                    chunk = json.loads(line[5:])
+                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                         stamps.append(time.perf_counter())
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 8 else None
 
-    free, constrained = [], []
-    for row in schemas:
-        body = _body(row, "response_format", 128)
-        body["temperature"] = 0.7
-        c = run(body)
-        f = run({**body, "response_format": None,
-                 "messages": [{"role": "user", "content": "Tell me a long story."}]})
-        if c and f:
-            constrained.append(c)
-            free.append(f)
-    return (statistics.median(constrained) if constrained else 0.0,
-            statistics.median(free) if free else 0.0)
+    out = {}
+    for case, rows in (("small schema", [SMALL] * reps), ("8 largest schemas", largest)):
+        free, constrained = [], []
+        for row in rows:
+            body = {**_body(row, "response_format", 128), "temperature": 0.7}
+            c = run(body)
+            f = run({k: v for k, v in body.items() if k != "response_format"})
+            if c and f:
+                constrained.append(c)
+                free.append(f)
+        out[case] = (statistics.median(constrained) if constrained else 0.0,
+                     statistics.median(free) if free else 0.0)
+    return out
 
 
 def pct(n: int, d: int) -> str:
@@ -205,7 +217,8 @@ def pct(n: int, d: int) -> str:
 
 
 def report(comp: dict[str, Any], results: list[tuple[str, str, str, str, str]],
-           speed: tuple[float, float], pids: tuple[int, int], failures: bool) -> None:
+           speed: dict[str, tuple[float, float]], pids: tuple[int, int],
+           failures: bool) -> None:
     times = comp["times"]
     print("\n## Compile (load_schema + llguidance, bundled vocabulary)\n")
     print("| subset | schemas | accepted and compiled |\n|---|---|---|")
@@ -242,9 +255,10 @@ def report(comp: dict[str, Any], results: list[tuple[str, str, str, str, str]],
           f"({len(finished)} finished)")
     print(f"chat worker pid before / after: {pids[0]} / {pids[1]}"
           f" ({'same' if pids[0] == pids[1] else 'RESTARTED'})")
-    c, f = speed
-    print(f"\ndecode tok/s, 1 stream, 8 largest schemas: json_schema {c:.1f} vs unconstrained "
-          f"{f:.1f} = {pct(int(1000 * c), int(1000 * f))}")
+    print("\n## Decode speed, 1 stream, temperature 0.7\n")
+    print("| case | json_schema tok/s | same request unconstrained | ratio |\n|---|---|---|---|")
+    for case, (c, f) in speed.items():
+        print(f"| {case} | {c:.1f} | {f:.1f} | {100 * c / f:.1f} % |" if f else f"| {case} | - |")
 
 
 def main() -> int:

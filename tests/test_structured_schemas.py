@@ -136,6 +136,18 @@ def test_compile_errors_are_reasons_not_crashes(compiler: GrammarCompiler, schem
     assert needle in str(exc.value).lower()
 
 
+def test_compile_time_is_bounded(compiler: GrammarCompiler,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from fmserve.engines import grammar
+
+    spec = {"type": "json_schema", "schema": {"type": "array", "items": {
+        "type": "string", "pattern": "^[a-z]{1,40}@[a-z]{1,40}$"}, "maxItems": 50}}
+    monkeypatch.setattr(grammar, "COMPILE_TIMEOUT_S", 0.0)
+    with pytest.raises(GrammarError, match="took longer than"):
+        compiler.matcher(spec)
+    assert not compiler.submit(spec).result().is_error()  # it went on, and was kept
+
+
 def test_patterns_the_grammar_cannot_run_are_left_to_the_answer_check(
         compiler: GrammarCompiler) -> None:
     schema = {"type": "object", "required": ["code"], "additionalProperties": False,

@@ -5,32 +5,20 @@ llguidance (https://github.com/guidance-ai/llguidance, the engine behind llama.c
 token-level matcher over the model's own vocabulary: it says which tokens may come
 next (a bitmask, one bit per token) and consumes the chosen one. It is written in
 Rust: a schema it cannot handle is an error value, never a crash, and grammar
-construction and mask computation run under fuel limits (:data:`LIMITS`), so no
+construction and mask computation run under fuel limits (:data:`LIMITS_KW`), so no
 schema can hang or kill the worker. Construction drops the GIL; it runs in a thread
-with a time bound (:data:`COMPILE_TIMEOUT_S`).
-
-Grammar specs come from :mod:`fmserve.engines.structured`:
-
-* ``{"type": "json_object"}`` — any JSON object;
-* ``{"type": "json_schema", "schema": S}`` — JSON conforming to ``S``;
-* ``{"type": "tool_auto", "schema": S}`` — a call conforming to ``S``, or free text
-  whose first character is not ``{``, ``[`` or white space.
-
-JSON is generated compactly (``", "`` and ``": "`` separators, no other white
-space: a small model cannot run away in newlines), ``oneOf`` is matched as
-``anyOf`` and keywords llguidance does not implement are skipped (``lenient``) —
-the finished answer is checked against the full schema afterwards
-(:meth:`fmserve.protocol.schemas.OutputSchema.violation`).
+with a time bound (:data:`COMPILE_TIMEOUT_S`). The grammar text comes from
+:mod:`fmserve.engines.schema_grammar`.
 
 :class:`GrammarCompiler` caches one compiled matcher per spec (by canonical digest)
-and hands out deep copies; :class:`ConstrainedSampler` and :func:`apply_mask` apply
-it to a sampler chain.
+and hands out deep copies; :class:`ConstrainedSampler` (the batched engine) and
+:class:`Mask` (any logits array) apply one to sampling, with budget steering
+(:mod:`fmserve.engines.steering`) near ``max_tokens``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import threading
 import time
@@ -39,149 +27,30 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fmserve.engines.schema_grammar import GrammarError, Relax, grammar_text, relaxed
 from fmserve.engines.steering import BudgetSteer, ClosingTokens
-from fmserve.protocol.schemas import KEYWORDS, digest_of, rebuild
+from fmserve.protocol.schemas import digest_of
+
+__all__ = ["COMPILE_TIMEOUT_S", "ConstrainedSampler", "Constraint", "GrammarCompiler",
+           "GrammarError", "Mask", "TOO_SLOW"]
 
 log = logging.getLogger("fmserve.grammar")
 
 COMPILE_TIMEOUT_S = 5.0
 CACHE_SIZE = 128
 # llguidance's resource bounds (its defaults, with a smaller grammar ceiling).
-LIMITS_KW: dict[str, Any] = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000,
-             "step_lexer_fuel": 200_000, "step_max_items": 50_000,
-             "max_lexer_states": 250_000, "verbose_errors": False}
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
-                "coerce_one_of": True, "lenient": True}
-# Free text for tool_choice "auto": anything that does not open a JSON value.
-_FREE_TEXT = r"/[^{\[\s][\s\S]*/"
+LIMITS_KW: dict[str, Any] = {
+    "max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000, "step_lexer_fuel": 200_000,
+    "step_max_items": 50_000, "max_lexer_states": 250_000, "verbose_errors": False}
 
 
 TOO_SLOW = (f"the schema took longer than {COMPILE_TIMEOUT_S:g} s to compile; simplify it")
 
-
-class GrammarError(ValueError):
-    """A grammar spec that cannot be compiled or enforced; the message says why."""
-
-
-# Left out of the grammar's copy of a schema: keywords that constrain nothing, and
-# those llguidance 1.9 does not implement ("Unimplemented keys"), which the answer
-# check enforces instead.
-_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment",
-                          "deprecated", "readOnly", "writeOnly", "contentEncoding",
-                          "contentMediaType", "contentSchema"})
-UNENFORCED = frozenset({"not", "if", "then", "else", "dependencies", "dependentSchemas",
-                        "dependentRequired", "contains", "minContains", "maxContains",
-                        "unevaluatedItems", "unevaluatedProperties", "propertyNames",
-                        "uniqueItems", "$dynamicAnchor", "$dynamicRef", "$recursiveRef",
-                        "$recursiveAnchor"})
-_LEFT_OUT = _ANNOTATIONS | UNENFORCED
-
-
-@dataclass(frozen=True)
-class Relax:
-    """What the grammar leaves to the answer check when llguidance refuses it.
-
-    Attributes:
-        patterns: ``pattern`` regexes it cannot run (look-around, back-references).
-        bare_refs: ``$ref`` siblings and the other members of an ``allOf`` holding a
-            ``$ref`` are dropped (it cannot merge them with a recursive ref).
-    """
-
-    patterns: frozenset[str] = frozenset()
-    bare_refs: bool = False
-
-
-def grammar_view(schema: Any, relax: Relax = Relax()) -> Any:
-    """The copy of a schema the grammar is built from.
-
-    * annotations go, and so do unknown keywords and ``$schema`` below the root
-      (they constrain nothing; a root-level unknown key may hold definitions that
-      ``$ref``s point to), and the keywords of :data:`UNENFORCED`;
-    * a ``$ref`` with sibling constraints becomes ``allOf: [{"$ref"}, {siblings}]``
-      (their 2019-09+ meaning); with ``relax.bare_refs`` it stays a bare ``$ref``, an
-      ``allOf`` with a ``$ref`` member becomes its first such member, and an
-      ``anyOf``/``oneOf`` with one loses its sibling keywords;
-    * the ``pattern``s in ``relax.patterns`` go.
-
-    Whatever goes is still checked on the finished answer.
-    """
-    def view(obj: dict[str, Any], path: str) -> dict[str, Any]:
-        out = {k: v for k, v in obj.items()
-               if (k in KEYWORDS or not path) and k not in _LEFT_OUT
-               and not (k == "pattern" and v in relax.patterns)
-               and not (k == "$schema" and path)}
-        if relax.bare_refs:  # a recursive ref cannot be merged with anything
-            if isinstance(out.get("allOf"), list):
-                refs = [m for m in out["allOf"] if isinstance(m, dict) and "$ref" in m]
-                if refs:
-                    out = {**{k: v for k, v in out.items() if k != "allOf"}, **refs[0]}
-            for key in ("anyOf", "oneOf"):
-                if isinstance(out.get(key), list) and any(
-                        isinstance(m, dict) and "$ref" in m for m in out[key]):
-                    out = {k: v for k, v in out.items()
-                           if k in (key, "$defs", "definitions") or not path}
-        if "$ref" in out and len(out) > 1:
-            keep = {k: out.pop(k) for k in list(out)
-                    if k in ("$defs", "definitions") or (not path and (
-                        k == "$schema" or k not in KEYWORDS))}
-            ref = {"$ref": out.pop("$ref")}
-            out = {**keep, **({"allOf": [ref, out]} if out and not relax.bare_refs else ref)}
-        return out
-
-    return rebuild(schema, view)
-
-
-def _patterns(schema: Any) -> set[str]:
-    found: set[str] = set()
-
-    def collect(obj: dict[str, Any], _: str) -> dict[str, Any]:
-        if isinstance(obj.get("pattern"), str):
-            found.add(obj["pattern"])
-        return obj
-
-    rebuild(schema, collect)
-    return found
-
-
-def unsupported_patterns(schema: Any) -> frozenset[str]:
-    """The ``pattern`` regexes of ``schema`` that llguidance cannot compile."""
-    from llguidance import LLMatcher
-
-    return frozenset(p for p in _patterns(schema) if LLMatcher.validate_grammar(
-        LLMatcher.grammar_from_json_schema({"type": "string", "pattern": p})))
-
-
-def _with_options(schema: Any, relax: Relax = Relax()) -> dict[str, Any]:
-    if schema is True:
-        schema = {}
-    if schema is False:
-        raise GrammarError("the schema is `false`: no value can satisfy it")
-    return {**grammar_view(schema, relax), "x-guidance": JSON_OPTIONS}
-
-
-def grammar_text(spec: dict[str, Any], relax: Relax = Relax()) -> str:
-    """The llguidance grammar (its JSON text) for a grammar spec (see module doc).
-
-    Raises:
-        GrammarError: an unknown spec type, or a ``false`` schema.
-    """
-    from llguidance import LLMatcher
-
-    kind = spec.get("type")
-    if kind == "json_object":
-        return LLMatcher.grammar_from_json_schema(_with_options({"type": "object"}))
-    if kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(_with_options(spec["schema"], relax))
-    if kind == "tool_auto":
-        call = json.dumps(_with_options(spec["schema"], relax), ensure_ascii=False)
-        return LLMatcher.grammar_from_lark(
-            f"start: call | free\ncall: %json {call}\nfree: {_FREE_TEXT}\n")
-    raise GrammarError(f"unknown grammar type {kind!r}")
 
 
 class GrammarCompiler:
@@ -190,18 +59,22 @@ class GrammarCompiler:
     Args:
         vocab: the model's ``llama_vocab`` pointer.
         n_vocab: vocabulary size (tokens).
+        owner: the object that frees ``vocab`` when collected (the ``Llama``): held here,
+            so a background build never reads a freed vocabulary.
 
     Every end-of-generation token of the vocabulary (``llama_vocab_is_eog``) may end
     an answer the grammar accepts.
     """
 
-    def __init__(self, vocab: Any, n_vocab: int) -> None:
+    def __init__(self, vocab: Any, n_vocab: int, owner: Any = None) -> None:
         self._vocab, self.n_vocab = vocab, n_vocab
+        self._owner = owner  # keeps the model (and so ``vocab``) alive while threads use it
         self._tokenizer: Any = None
         self._eos: frozenset[int] | None = None
         self._closing: ClosingTokens | None = None
         self._lock = threading.Lock()  # the tokenizer
         self._cache_lock = threading.Lock()
+        self._building: dict[str, Future[Any]] = {}  # digest -> compile in progress
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         self.compile_ms: list[float] = []  # recent compile times, for diagnostics
@@ -261,21 +134,42 @@ class GrammarCompiler:
     def submit(self, spec: dict[str, Any]) -> Future[Any]:
         """:meth:`matcher`, as a future: compiled in a thread (the GIL is dropped while
         llguidance builds), so a decode loop goes on meanwhile; a cached spec's future
-        is already done. Its result raises :class:`GrammarError`."""
+        is already done, and requests for a spec being compiled share that compile.
+        Its result raises :class:`GrammarError`."""
         key = digest_of(spec)
         with self._cache_lock:
             template = self._cache.get(key)
             if template is not None:
                 self._cache.move_to_end(key)
-        if template is not None:
-            done: Future[Any] = Future()
-            done.set_result(template.deep_copy())
-            return done
-        return self._pool.submit(self._compile, spec, key)
+                building = None
+            else:
+                building = self._building.get(key)
+                if building is None:
+                    building = self._building[key] = self._pool.submit(self._compile, spec, key)
+        out: Future[Any] = Future()
+        if building is None:
+            assert template is not None
+            out.set_result(template.deep_copy())
+            return out
+
+        def copy(done: Future[Any]) -> None:
+            try:
+                out.set_result(done.result().deep_copy())
+            except BaseException as exc:  # GrammarError, or the pool shutting down
+                out.set_exception(exc)
+
+        building.add_done_callback(copy)
+        return out
 
     def _compile(self, spec: dict[str, Any], key: str) -> Any:
+        """The template matcher of ``spec``, cached (runs in the pool)."""
         t0 = time.perf_counter()
-        template = self._build(spec)
+        try:
+            template = self._build(spec)
+        except BaseException:
+            with self._cache_lock:
+                self._building.pop(key, None)
+            raise
         ms = (time.perf_counter() - t0) * 1000
         self.compile_ms = [*self.compile_ms[-255:], ms]
         warnings = template.get_grammar_warnings()
@@ -284,9 +178,10 @@ class GrammarCompiler:
                      "on the answer): %s", key[:12], ms, "; ".join(warnings))
         with self._cache_lock:
             self._cache[key] = template
+            self._building.pop(key, None)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return template.deep_copy()
+        return template
 
     def _build(self, spec: dict[str, Any]) -> Any:
         from llguidance import LLMatcher, LLParserLimits
@@ -296,7 +191,7 @@ class GrammarCompiler:
             while True:
                 matcher = LLMatcher(self.tokenizer(), grammar_text(spec, relax),
                                     log_level=0, limits=LLParserLimits(**LIMITS_KW))
-                more = _relaxed(spec, relax, matcher.get_error()) if matcher.is_error() \
+                more = relaxed(spec, relax, matcher.get_error()) if matcher.is_error() \
                     else None
                 if more is None:
                     break
@@ -315,18 +210,6 @@ class GrammarCompiler:
         if matcher.is_error():
             raise GrammarError(_reason(matcher.get_error()))
         return matcher
-
-
-def _relaxed(spec: dict[str, Any], relax: Relax, error: str) -> Relax | None:
-    """A looser view after llguidance refused this one with ``error``, or None."""
-    if "schema" not in spec:
-        return None
-    if "regex parse error" in error and not relax.patterns:
-        patterns = unsupported_patterns(spec["schema"])
-        return replace(relax, patterns=patterns) if patterns else None
-    if "circular references with sibling keys" in error and not relax.bare_refs:
-        return replace(relax, bare_refs=True)
-    return None
 
 
 def _reason(error: str) -> str:

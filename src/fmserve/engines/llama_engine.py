@@ -74,7 +74,7 @@ class LlamaEngine:
         self.model_file = os.path.basename(path)
         self.threads = threads
         self.reasoning = bool(template and "<think>" in template)
-        self.grammars = GrammarCompiler(self._vocab, self.llm.n_vocab())
+        self.grammars = GrammarCompiler(self._vocab, self.llm.n_vocab(), owner=self.llm)
         self.grammars.warm()
         self.logprobs = LogprobReader(
             self.llm.n_vocab(),
