@@ -383,19 +383,23 @@ def test_budget_steering_state_and_narrowing() -> None:
 
     from fmserve.engines.steering import BudgetSteer, ClosingTokens
 
-    pieces = [b'"', b'"}', b"}", b"]}", b'",', b"a", b" {", b'}"']
+    pieces = [b'"', b'"}', b"}", b"]}", b'",', b"a", b" {", b'}"', b"[]"]
     closing = ClosingTokens.of(len(pieces), lambda t: pieces[t])
-    assert closing.string.tolist() == [True, True, False, False, False, False, False, False]
-    assert closing.value.tolist() == [False, False, True, True, False, False, False, False]
-    steer = BudgetSteer(closing, budget=9)
+    assert closing.string.tolist() == [True, True] + [False] * 7
+    assert closing.value.tolist() == [False, False, True, True] + [False] * 5
+    assert closing.short.tolist() == [True] + [False] * 5 + [True, False, True]
+    steer = BudgetSteer(closing, budget=23)
     for text in (b'{"', b"a", b'": [', b'{"', b'b\\"', b"c"):  # {"a": [{"b\"c
         steer.after(text)
-    assert (steer.depth, steer.in_string, steer.left) == (3, True, 3)
+    assert (steer.depth, steer.in_string, steer.left) == (3, True, 17)
     assert steer.active
     everything = np.ones(len(pieces), dtype=bool)
     assert steer.narrow(everything).tolist() == closing.string.tolist()
-    none_close = np.array([False] * 4 + [True] * 4)
+    none_close = np.array([False] * 4 + [True] * 5)
     assert steer.narrow(none_close).tolist() == none_close.tolist()  # the grammar's own
+    for text in (b'"', b": "):  # {"a": [{"b\"c": — a value is required
+        steer.after(text)
+    assert steer.narrow(none_close).tolist() == [False] * 6 + [True, False, True]
     plain = BudgetSteer(closing, budget=2)
     plain.after(b"Hello")
     assert not plain.active  # free text is never steered
