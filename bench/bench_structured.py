@@ -27,7 +27,9 @@ line with ``id``, ``subset`` and ``schema``. What it measures, in one run:
    valid document), **refused** (400, reason kept), **reported** (502: finished but
    broke a keyword the grammar does not enforce, after retries), **non-conforming**
    (a 200 answer that does not validate: must be 0) and **5xx** (anything else,
-   e.g. 503 from a dead worker: must be 0). The chat worker's pid is read before
+   e.g. 503 from a dead worker: must be 0; a 503 with ``Retry-After`` — the KV cache
+   shared by the running requests is full — is retried 3 times first, as the
+   ``openai`` client does). The chat worker's pid is read before
    and after: it must not change.
 3. **Decode speed** — single stream, tokens/s (decode only: (tokens − 1) / time from
    first to last streamed token) of ``json_schema`` requests vs the same request
@@ -157,8 +159,12 @@ async def bench_e2e(srv: LocalServer, rows: list[dict[str, Any]], forms: list[st
         async def one(row: dict[str, Any], form: str) -> None:
             async with sem:
                 t0 = time.perf_counter()
-                r = await http.post(f"/serving-endpoints/{CHAT}/invocations",
-                                    json=_body(row, form, max_tokens))
+                for attempt in range(4):  # as the openai client does: 503 → Retry-After
+                    r = await http.post(f"/serving-endpoints/{CHAT}/invocations",
+                                        json=_body(row, form, max_tokens))
+                    if r.status_code != 503 or attempt == 3:
+                        break
+                    await asyncio.sleep(float(r.headers.get("retry-after", 1)))
                 took = time.perf_counter() - t0
             outcome, detail = classify(row, form, r)
             results.append((row["subset"], row["id"], form, outcome, detail))
