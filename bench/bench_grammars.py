@@ -33,8 +33,8 @@ Per schema: compile time = conversion + compile + matcher + the first token mask
 can be lazy). For compiled schemas, a deterministic walk of up to 64 tokens: compute the mask,
 take the lowest allowed non-control token id whose text is not whitespace-only (else the lowest
 allowed non-control id), stop when EOS is allowed or the matcher has stopped. Mask time = mean
-over the masks after the first. Compile p50/p99 are over the compiled schemas only. Also: a
-check that ``LLMatcher()`` releases the GIL. ``--failures ENGINE`` lists each failure's reason.
+over the masks after the first. Compile p50/p99 are over the compiled schemas only.
+``--failures ENGINE`` lists each failure's reason.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ import re
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from multiprocessing.connection import wait
@@ -60,7 +59,9 @@ import numpy as np  # noqa: E402
 
 from fmserve.engines.bundled import smollm2_gguf  # noqa: E402
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/jsonschemabench-dev.jsonl"
+sys.path.insert(0, str(Path(__file__).parent))
+from schema_corpus import DEFAULT_CORPUS, load_corpus  # noqa: E402
+
 ENGINES = {"llama.cpp": "llama.cpp converter", "fmserve": "fmserve",
            "llg-strict": "llguidance strict", "llg-lenient": "llguidance lenient",
            "xgrammar": "xgrammar"}
@@ -277,33 +278,6 @@ def run_inproc(rows: list[dict], start) -> list[dict]:
     return results
 
 
-def gil_check(tokenizer, grammar: str, n: int = 5) -> str:
-    """A pure-Python thread notes its longest stall while LLMatcher() runs n times: a stall
-    as long as one LLMatcher() = the GIL is held. (Timing two threads compiling at once
-    tells nothing on a 2-vCPU box, where even hashlib does not scale.)"""
-    from llguidance import LLMatcher
-    gap, stop = [0.0], [False]
-
-    def spin() -> None:
-        last = perf()
-        while not stop[0]:
-            now = perf()
-            gap[0], last = max(gap[0], now - last), now
-
-    th = threading.Thread(target=spin)
-    th.start()
-    time.sleep(0.05)
-    gap[0], t = 0.0, perf()
-    for _ in range(n):
-        LLMatcher(tokenizer, grammar, log_level=0)
-    dt = (perf() - t) / n
-    stop[0] = True
-    th.join()
-    verdict = "holds the GIL" if gap[0] > 0.5 * dt else "releases the GIL"
-    return (f"LLMatcher() {dt * 1e3:.1f} ms each; longest stall of a Python thread meanwhile "
-            f"{gap[0] * 1e3:.1f} ms -> {verdict}")
-
-
 # -- report --------------------------------------------------------------------
 def pct(xs: list[float], q: float) -> str:
     return f"{np.percentile(xs, q):.1f}" if xs else "-"
@@ -365,10 +339,7 @@ def main() -> None:
     ap.add_argument("--failures", choices=list(ENGINES), action="append", default=[])
     ap.add_argument("--json", type=Path, help="write all per-schema results here")
     args = ap.parse_args()
-    rows = [json.loads(ln) for ln in args.corpus.read_text().splitlines() if ln.strip()]
-    if args.limit:
-        seen: Counter = Counter()
-        rows = [r for r in rows if (seen.update([r["subset"]]) or seen[r["subset"]]) <= args.limit]
+    rows = load_corpus(args.corpus, args.limit)
     asked = [e for e in args.engines.split(",") if e]
     if unknown := set(asked) - set(ENGINES):
         sys.exit(f"unknown engine(s) {sorted(unknown)}: choose from {', '.join(ENGINES)}")
@@ -409,13 +380,6 @@ def main() -> None:
         wall[e] = perf() - t
         print(f"{e}: {sum(r['ok'] for r in res[e])}/{len(rows)} in {wall[e]:.1f} s",
               file=sys.stderr)
-    if tokenizer is not None and "llg-strict" in res:
-        from llguidance import LLMatcher
-        ok = [(r["compile_ms"], i) for i, r in enumerate(res["llg-strict"]) if r["ok"]]
-        if ok:
-            i = max(ok)[1]
-            g = LLMatcher.grammar_from_json_schema(json.dumps(rows[i]["schema"]))
-            notes.append(f"GIL ({rows[i]['id']}): {gil_check(tokenizer, g)}")
     notes.append(f"load avg {os.getloadavg()[0]:.2f} at end (other work on the box skews times)")
     report(rows, res, wall)
     print("\n" + "\n".join(f"* {n}" for n in notes))

@@ -65,14 +65,12 @@ from rich.progress import (  # noqa: E402
 from fmserve.protocol.schemas import load_schema  # noqa: E402
 from fmserve.testing import LocalServer, start_server, stop_server  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from schema_corpus import DEFAULT_CORPUS, load_corpus  # noqa: E402
+
 CHAT = "databricks-smollm2-135m-instruct"
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/jsonschemabench-dev.jsonl"
 SCHEMA_IN_PROMPT = 400  # characters of the schema shown in the prompt (compact JSON)
 OUTCOMES = ("valid", "length", "refused", "reported", "non-conforming", "5xx")
-
-
-def load_corpus(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def bench_compile(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,12 +279,7 @@ def main() -> int:
         return 2
     rows = load_corpus(args.corpus)
     comp = bench_compile(rows)
-    picked: list[dict[str, Any]] = []
-    seen: Counter[str] = Counter()
-    for row in rows:
-        if seen[row["subset"]] < args.per_subset:
-            seen[row["subset"]] += 1
-            picked.append(row)
+    picked = load_corpus(args.corpus, args.per_subset)
     with tempfile.TemporaryDirectory(prefix="fmserve-bench-so-") as tmp:
         srv = start_server(Path(tmp))
         try:

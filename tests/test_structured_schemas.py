@@ -420,3 +420,19 @@ def test_capped_json_closes_instead_of_breaking() -> None:
     value = json.loads(_text(by["1"]))
     jsonschema.validate(value, open_schema)
     assert by["1"][-1]["completion_tokens"] <= 24
+
+
+def test_preload_fills_the_schema_cache_with_both_forms() -> None:
+    """What the chat route runs in a thread: later checks on the event loop are hits."""
+    from fmserve.protocol import schemas
+
+    params = {"type": "object", "properties": {"n": {"type": "float"}, "k": {"type": "dict"}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"when": {"type": "string", "format": "date"}}}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": params}},
+             {"type": "function", "function": {"name": "g"}}, "junk"]
+    schemas.preload(tools, rf)
+    for form in (schemas.with_type_aliases(params)[0], rf["json_schema"]["schema"]):
+        assert schemas.digest_of(form) in schemas._CACHE
+    assert schemas.digest_of(params) not in schemas._CACHE  # "float" is no JSON type
+    schemas.preload(None, {"type": "json_schema", "json_schema": {"schema": 7}})  # no raise

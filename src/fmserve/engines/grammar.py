@@ -73,6 +73,7 @@ class GrammarCompiler:
         self._eos: frozenset[int] | None = None
         self._closing: ClosingTokens | None = None
         self._lock = threading.Lock()  # the tokenizer
+        self._closing_lock = threading.Lock()  # the closing tokens (warm thread vs decode)
         self._cache_lock = threading.Lock()
         self._building: dict[str, Future[Any]] = {}  # digest -> compile in progress
         self._cache: OrderedDict[str, Any] = OrderedDict()
@@ -104,9 +105,11 @@ class GrammarCompiler:
     def closing(self) -> ClosingTokens:
         """The vocabulary's closing tokens, for budget steering (built once)."""
         if self._closing is None:
-            tok = self.tokenizer()
-            self._closing = ClosingTokens.of(self.n_vocab,
-                                             lambda t: tok.decode_bytes([t]))
+            with self._closing_lock:
+                if self._closing is None:
+                    tok = self.tokenizer()
+                    self._closing = ClosingTokens.of(self.n_vocab,
+                                                     lambda t: tok.decode_bytes([t]))
         return self._closing
 
     def constraint(self, matcher: Any, budget: int) -> Constraint:

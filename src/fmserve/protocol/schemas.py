@@ -236,3 +236,29 @@ def ref_rooted(schema: Any, base: str) -> Any:
         return out
 
     return rebuild(schema, reroot)
+
+
+def preload(tools: Any, response_format: Any) -> None:
+    """Loads (into the cache of :func:`load_schema`) every schema of a chat request —
+    ``response_format.json_schema.schema`` and each tool's ``function.parameters``, as
+    sent and with :data:`TYPE_ALIASES` read — so the request path finds them checked.
+
+    The metaschema check of a large schema takes hundreds of ms of pure Python; callers
+    run this in a thread (``asyncio.to_thread``) so the event loop keeps serving. Errors
+    are not raised here: the request path raises them, with its own messages.
+    """
+    found: list[Any] = []
+    if isinstance(response_format, dict) and isinstance(response_format.get("json_schema"), dict):
+        found.append(response_format["json_schema"].get("schema"))
+    for tool in tools if isinstance(tools, list) else ():
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict):
+            found.append(fn.get("parameters"))
+    for schema in found:
+        if not isinstance(schema, (dict, bool)):
+            continue
+        for form in (schema, with_type_aliases(schema)[0]):
+            try:
+                load_schema(form, "schema")
+            except (InvalidParameterValue, RecursionError):
+                continue

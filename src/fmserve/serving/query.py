@@ -13,6 +13,7 @@ Streams are async iterators of chunk dicts (spec §8.3); the HTTP layer frames t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import random
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from fmserve.errors import FmserveError, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
+from fmserve.protocol.schemas import preload
 from fmserve.protocol.validation import parse_model
 from fmserve.serving.endpoints import (
     TASK_CHAT,
@@ -141,6 +143,9 @@ class QueryService:
             caps.require("vision", "Image input", entity.name)
         if req.wants_reasoning():
             caps.require("reasoning", "Reasoning (thinking / reasoning_effort)", entity.name)
+        if req.tools or req.response_format:
+            # A large schema's metaschema check is slow pure Python: off the event loop.
+            await asyncio.to_thread(preload, req.tools, req.response_format)
         head = _head("chatcmpl", ep.name)
         if req.stream:
             return await _primed(_stamp(entity.backend.chat_stream(req), head))
