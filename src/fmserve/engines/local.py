@@ -16,7 +16,7 @@ import numpy as np
 from fmserve.backends import Backend, Capabilities, EmbeddingResult
 from fmserve.engines.logprobs import MAX_TOP_LOGPROBS, completion_logprobs
 from fmserve.engines.pool import WorkerPool
-from fmserve.engines.reasoning import local_budget, reasoned_chat, reasoned_stream
+from fmserve.engines.reasoning import reasoned_chat, reasoned_stream
 from fmserve.engines.sampling import reproducible
 from fmserve.engines.structured import (
     ToolPlan,
@@ -28,6 +28,7 @@ from fmserve.engines.supervisor import WorkerRequest
 from fmserve.errors import BadGateway, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest, SamplingParams
 from fmserve.protocol.embeddings import EmbeddingsRequest
+from fmserve.protocol.responses import chat_chunk, requested_thinking, usage
 
 # extra_params keys the llama.cpp engine honours; any other key is a 400.
 _EXTRA_SAMPLING = {"top_k", "top_p", "seed", "temperature", "max_tokens", "stop",
@@ -37,16 +38,6 @@ _EXTRA_SAMPLING = {"top_k", "top_p", "seed", "temperature", "max_tokens", "stop"
 # Extra attempts for an answer that finished but breaks a schema keyword the grammar
 # cannot enforce (uniqueItems, multipleOf, not, ...): sampled requests only.
 OUTPUT_RETRIES = 2
-
-
-def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    """Usage in tokens; ``cached``: prompt tokens served from the prefix cache (reported
-    as OpenAI's ``prompt_tokens_details.cached_tokens`` when there are any)."""
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion}
-    if cached:
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    return usage
 
 
 def logprobs_param(req: SamplingParams, chat: bool) -> int | None:
@@ -152,9 +143,10 @@ class LlamaBackend(Backend):
         unlimited); False when the model does not reason or thinking is skipped."""
         if not self.worker.info.get("reasoning"):
             return False
-        allowed, budget = local_budget(req)
+        thinking = requested_thinking(req.thinking, req.reasoning_effort,
+                                      req.effective_max_tokens())
         constrained = plan.active or response_grammar(req.response_format) is not None
-        if constrained or not allowed:
+        if constrained or thinking.mode == "off":
             for op in ops:
                 op["params"] = {**op["params"], "no_think": True}
             return False
@@ -162,7 +154,7 @@ class LlamaBackend(Backend):
             raise InvalidParameterValue(
                 f"'logprobs' is not available while '{self.name}' thinks; send "
                 "reasoning_effort 'none' (or thinking disabled) to get logprobs.")
-        return budget
+        return thinking.budget
 
     # -- request → worker ops ------------------------------------------------
     def _chat_messages(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -233,9 +225,9 @@ class LlamaBackend(Backend):
     @staticmethod
     def _choices_usage(choices: list[_Choice], n: int) -> dict[str, Any]:
         # The prompt is counted once per distinct prompt, not once per choice.
-        return _usage(sum(c.prompt_tokens for c in choices[::n]),
-                      sum(c.completion_tokens for c in choices),
-                      sum(c.cached_tokens for c in choices[::n]))
+        return usage(sum(c.prompt_tokens for c in choices[::n]),
+                     sum(c.completion_tokens for c in choices),
+                     cached=sum(c.cached_tokens for c in choices[::n]))
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         plan = self._plan(req)
@@ -347,18 +339,13 @@ class LlamaBackend(Backend):
         def chunk(c: _Choice, delta: dict[str, Any] | None, text: str | None,
                   finish: str | None, lp: list[dict[str, Any]] | None = None
                   ) -> dict[str, Any]:
-            body: dict[str, Any] = {"index": c.index, "finish_reason": finish}
+            used = usage(prompt_tokens, completion_tokens, cached=cached_tokens)
             if chat:
-                body["delta"] = delta or {}
-                if want_lp and lp:
-                    body["logprobs"] = {"content": lp, "refusal": None}
-            else:
-                body["text"] = text or ""
-                body["logprobs"] = (completion_logprobs(lp or [], sent_chars) if want_lp
-                                    else None)
-            return {"object": "chat.completion.chunk" if chat else "text_completion",
-                    "choices": [body],
-                    "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)}
+                return chat_chunk(c.index, delta or {}, finish, used, lp if want_lp else None)
+            return {"object": "text_completion", "choices": [{
+                "index": c.index, "finish_reason": finish, "text": text or "",
+                "logprobs": completion_logprobs(lp or [], sent_chars) if want_lp else None}],
+                "usage": used}
 
         choices = await self._submit(ops)
         tools = plan is not None and plan.active

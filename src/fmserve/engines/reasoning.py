@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fmserve.protocol.responses import chat_chunk, reasoning_item, usage
+
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
 
@@ -175,59 +177,6 @@ def think_prompt(prompt: str, params: dict[str, Any]) -> tuple[str, bool]:
     return prompt, opened
 
 
-def thinking_params(info: dict[str, Any], budget: int | None, wants: bool,
-                    constrained: bool) -> dict[str, Any]:
-    """Worker params for a reasoning model: ``no_think`` when thinking must be skipped.
-
-    Thinking is skipped when a grammar constrains the output (tools, json_schema: the
-    grammar applies from the first token) or when the request turned it off
-    (``thinking: {"type": "disabled"}``, ``reasoning_effort: "none"``).
-    """
-    if not info.get("reasoning"):
-        return {}
-    if constrained or not wants:
-        return {"no_think": True}
-    return {}
-
-
-def local_budget(req: Any) -> tuple[bool, int | None]:
-    """``(thinking allowed, budget in tokens or None)`` of a chat request for a local model.
-
-    Raises:
-        InvalidParameterValue: ``thinking.budget_tokens`` missing, < 1, or not below
-            ``max_tokens`` (spec §8.1).
-    """
-    from fmserve.errors import InvalidParameterValue
-
-    th = req.thinking or {}
-    if th.get("type") == "disabled" or req.reasoning_effort == "none":
-        return False, None
-    if th.get("type") == "enabled":
-        budget = th.get("budget_tokens")
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise InvalidParameterValue("thinking.budget_tokens (a positive integer) is "
-                                        "required when thinking is enabled")
-        max_tokens = req.effective_max_tokens()
-        if max_tokens is not None and budget >= max_tokens:
-            raise InvalidParameterValue(f"thinking.budget_tokens ({budget}) must be less "
-                                        f"than max_tokens ({max_tokens})")
-        return True, budget
-    effort = {"minimal": 256, "low": 1024, "medium": 4096, "high": 16384}
-    return True, effort.get(req.reasoning_effort or "")
-
-
-def _usage(prompt: int, completion: int, reasoning: int) -> dict[str, int]:
-    u = {"prompt_tokens": prompt, "completion_tokens": completion,
-         "total_tokens": prompt + completion}
-    if reasoning:
-        u["reasoning_tokens"] = reasoning
-    return u
-
-
-def _item(text: str) -> dict[str, Any]:
-    return {"type": "reasoning", "summary": [{"type": "summary_text", "text": text}]}
-
-
 async def reasoned_chat(submit: Submit, ops: list[dict[str, Any]],
                         budget: int | None) -> dict[str, Any]:
     """A chat completion body for reasoning models: content = reasoning + text blocks."""
@@ -247,11 +196,11 @@ async def reasoned_chat(submit: Submit, ops: list[dict[str, Any]],
                 finish = ev.finish_reason
         content: Any = "".join(answer)
         if thought:
-            content = [_item("".join(thought)), {"type": "text", "text": content}]
+            content = [reasoning_item("".join(thought)), {"type": "text", "text": content}]
         choices.append({"index": i, "message": {"role": "assistant", "content": content},
                         "finish_reason": finish})
     return {"object": "chat.completion", "choices": choices,
-            "usage": _usage(prompt, completion, reasoning)}
+            "usage": usage(prompt, completion, reasoning)}
 
 
 async def reasoned_stream(submit: Submit, ops: list[dict[str, Any]],
@@ -268,13 +217,12 @@ async def reasoned_stream(submit: Submit, ops: list[dict[str, Any]],
                 delta = {"role": "assistant", "content": ""}
             elif ev.kind in ("reasoning", "text"):
                 n += 1
-                delta = {"content": [_item(ev.text)] if ev.kind == "reasoning" else ev.text}
+                delta = {"content": [reasoning_item(ev.text)] if ev.kind == "reasoning"
+                         else ev.text}
             else:
                 done_completion += ev.completion_tokens
                 done_reasoning += ev.reasoning_tokens
                 n, finish = 0, ev.finish_reason
             # Cumulative usage; within a choice the tokens are estimated by pieces
             # until its end event gives the exact count.
-            yield {"object": "chat.completion.chunk",
-                   "choices": [{"index": i, "delta": delta, "finish_reason": finish}],
-                   "usage": _usage(prompt, done_completion + n, done_reasoning)}
+            yield chat_chunk(i, delta, finish, usage(prompt, done_completion + n, done_reasoning))

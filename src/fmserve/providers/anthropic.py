@@ -65,6 +65,7 @@ import orjson
 from fmserve.errors import BadGateway, FmserveError, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest
 from fmserve.protocol.management import ExternalModelInput
+from fmserve.protocol.responses import estimate_reasoning_tokens
 from fmserve.providers.base import (
     Body,
     ExternalBackend,
@@ -294,10 +295,6 @@ def _prompt_tokens(u: dict[str, Any]) -> int:
                                              "cache_creation_input_tokens"))
 
 
-def _estimate(thinking_chars: int) -> int:
-    return max(1, thinking_chars // 4) if thinking_chars else 0
-
-
 def from_anthropic(data: Body, rtool: ResponseTool) -> tuple[Answer, dict[str, int]]:
     """One :class:`Answer` and the usage of a Messages response body.
 
@@ -327,7 +324,7 @@ def from_anthropic(data: Body, rtool: ResponseTool) -> tuple[Answer, dict[str, i
         "stop" if reason == "tool_calls" else reason)
     u = data.get("usage") or {}
     return ans, usage(_prompt_tokens(u), int(u.get("output_tokens") or 0),
-                      _estimate(thinking_chars) or None)
+                      estimate_reasoning_tokens(thinking_chars) or None)
 
 
 def stream_error(data: str) -> FmserveError:
@@ -415,7 +412,7 @@ class AnthropicBackend(ExternalBackend):
                     yield w.text_delta(d["text"])
                 elif dt == "thinking_delta" and d.get("thinking"):
                     thinking_chars += len(d["thinking"])
-                    w.reasoning_tokens = _estimate(thinking_chars)
+                    w.reasoning_tokens = estimate_reasoning_tokens(thinking_chars)
                     yield w.reasoning_delta(d["thinking"])
                 elif dt == "signature_delta":
                     yield w.reasoning_delta("", signature=d.get("signature"))

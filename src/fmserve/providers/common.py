@@ -22,12 +22,18 @@ from typing import Any
 
 from fmserve.errors import BadGateway, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, ChatMessage
+from fmserve.protocol.responses import (  # noqa: F401  (providers use them as common.*)
+    ADAPTIVE_BUDGET,
+    chat_chunk,
+    estimate_reasoning_tokens,
+    reasoning_item,
+    requested_thinking,
+    usage,
+)
 from fmserve.protocol.schemas import load_schema
 
 Body = dict[str, Any]
 
-# reasoning_effort → thinking budget (tokens) for providers that need a budget.
-EFFORT_BUDGET = {"minimal": 1024, "low": 1024, "medium": 4096, "high": 16384}
 MIN_THINKING_BUDGET = 1024  # Anthropic's minimum budget_tokens
 
 
@@ -161,39 +167,25 @@ def tool_choice_of(req: ChatCompletionRequest, tools: list[Tool]) -> str | None:
 
 
 def thinking_budget(req: ChatCompletionRequest, max_tokens: int | None) -> int | None:
-    """The thinking budget (tokens) the request asks for, validated; None = no reasoning.
+    """The thinking budget (tokens) to send a provider that takes one; None = no reasoning.
 
-    ``thinking: {"type": "enabled", "budget_tokens": B}`` needs 1024 ≤ B < max_tokens
-    (Anthropic extended thinking rules, spec §8.1); ``reasoning_effort`` maps to a budget
-    via :data:`EFFORT_BUDGET`.
+    :func:`~fmserve.protocol.responses.requested_thinking` validates the request;
+    ``adaptive`` asks for :data:`~fmserve.protocol.responses.ADAPTIVE_BUDGET`, and a
+    caller's ``budget_tokens`` must be at least :data:`MIN_THINKING_BUDGET` (Anthropic's
+    extended thinking rule, spec §8.1, which Bedrock and Gemini share).
 
     Raises:
         InvalidParameterValue: a malformed ``thinking`` or a budget out of range.
     """
-    th = req.thinking
-    if th is not None:
-        kind = th.get("type")
-        if kind == "disabled":
-            return None
-        if kind == "adaptive":
-            return EFFORT_BUDGET["medium"]
-        if kind != "enabled":
-            raise InvalidParameterValue("thinking.type must be 'enabled', 'adaptive' or "
-                                        "'disabled'")
-        budget = th.get("budget_tokens")
-        if not isinstance(budget, int) or isinstance(budget, bool):
-            raise InvalidParameterValue("thinking.budget_tokens (an integer) is required when "
-                                        "thinking is enabled")
-        if budget < MIN_THINKING_BUDGET:
-            raise InvalidParameterValue(f"thinking.budget_tokens must be at least "
-                                        f"{MIN_THINKING_BUDGET}, got {budget}")
-        if max_tokens is not None and budget >= max_tokens:
-            raise InvalidParameterValue(f"thinking.budget_tokens ({budget}) must be less than "
-                                        f"max_tokens ({max_tokens})")
-        return budget
-    if req.reasoning_effort and req.reasoning_effort != "none":
-        return EFFORT_BUDGET[req.reasoning_effort]
-    return None
+    t = requested_thinking(req.thinking, req.reasoning_effort, max_tokens)
+    if t.mode != "on":
+        return None
+    if t.budget is None:
+        return ADAPTIVE_BUDGET
+    if t.explicit and t.budget < MIN_THINKING_BUDGET:
+        raise InvalidParameterValue(f"thinking.budget_tokens must be at least "
+                                    f"{MIN_THINKING_BUDGET}, got {t.budget}")
+    return t.budget
 
 
 def response_schema(req: ChatCompletionRequest) -> tuple[str, dict[str, Any] | None, str]:
@@ -243,31 +235,6 @@ def check_structured(text: str, req: ChatCompletionRequest) -> None:
         if why:
             raise BadGateway(f"The model's answer does not match the response_format schema "
                              f"{why}")
-
-
-def estimate_reasoning_tokens(thinking_chars: int) -> int:
-    """Reasoning tokens estimated from thinking text (4 characters a token), for providers
-    (Anthropic, Bedrock Converse) that count thinking inside ``output_tokens`` only."""
-    return max(1, thinking_chars // 4) if thinking_chars else 0
-
-
-def usage(prompt: int, completion: int, reasoning: int | None = None) -> dict[str, int]:
-    u = {"prompt_tokens": prompt, "completion_tokens": completion,
-         "total_tokens": prompt + completion}
-    if reasoning:
-        u["reasoning_tokens"] = reasoning
-    return u
-
-
-def reasoning_item(text: str, signature: str | None = None,
-                   encrypted: str | None = None) -> dict[str, Any]:
-    if encrypted is not None:
-        return {"type": "reasoning",
-                "summary": [{"type": "summary_encrypted_text", "data": encrypted}]}
-    s: dict[str, Any] = {"type": "summary_text", "text": text}
-    if signature:
-        s["signature"] = signature
-    return {"type": "reasoning", "summary": [s]}
 
 
 @dataclass
@@ -322,16 +289,14 @@ class ChunkWriter:
         self.role_sent = False
         self._calls: dict[Any, int] = {}
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return usage(self.prompt_tokens, self.completion_tokens, self.reasoning_tokens or None)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> Body:
         if not self.role_sent:
             delta = {"role": "assistant", **delta}
             self.role_sent = True
-        return {"object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                "usage": self.usage()}
+        return chat_chunk(0, delta, finish, self.usage())
 
     def start(self) -> Body:
         return self._chunk({"content": ""})

@@ -57,6 +57,7 @@ from fmserve.errors import BadGateway
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.management import ExternalModelInput
+from fmserve.protocol.responses import effort_for
 from fmserve.providers import common
 from fmserve.providers.base import (
     Body,
@@ -83,15 +84,6 @@ _OPENAI_PARAMS = frozenset({"seed", "frequency_penalty", "presence_penalty", "lo
                             "logprobs", "top_logprobs", "user", "service_tier", "store",
                             "metadata", "prediction", "modalities", "verbosity", "dimensions"})
 _INTERNAL = ("extra_params", "client_request_id", "usage_context")
-# "thinking" budget → OpenAI reasoning_effort
-_EFFORTS = ((1024, "low"), (4096, "medium"))
-
-
-def _effort(budget: int | None) -> str:
-    for limit, effort in _EFFORTS:
-        if budget is not None and budget <= limit:
-            return effort
-    return "high"
 
 
 class OpenAICompatBackend(ExternalBackend):
@@ -400,7 +392,7 @@ class OpenAIBackend(OpenAICompatBackend):
         th = body.pop("thinking", None)
         if th is not None and "reasoning_effort" not in body:
             if th.get("type") in ("enabled", "adaptive"):
-                body["reasoning_effort"] = _effort(common.thinking_budget(
+                body["reasoning_effort"] = effort_for(common.thinking_budget(
                     req, req.effective_max_tokens()))
         for m in body["messages"]:
             c = m.get("content")
