@@ -91,3 +91,27 @@ def test_token_output_events() -> None:
         ends = [e for e in events if e["t"] == "end"]
         assert len(ends) == 1 and ends[0]["finish_reason"] == expected_finish
         assert ends[0]["prompt_tokens"] == 5
+
+
+def test_requested_thinking_one_reading_for_engines_and_providers() -> None:
+    from fmserve.protocol.responses import EFFORT_BUDGET, effort_for, requested_thinking
+
+    assert requested_thinking(None, None, 100).mode == "default"
+    assert requested_thinking(None, "none", 100).mode == "off"
+    assert requested_thinking({"type": "disabled"}, "high", 100).mode == "off"
+    on = requested_thinking(None, "minimal", None)
+    assert (on.mode, on.budget, on.explicit) == ("on", 1024, False)
+    t = requested_thinking({"type": "enabled", "budget_tokens": 50}, None, 100)
+    assert (t.mode, t.budget, t.explicit) == ("on", 50, True)
+    assert requested_thinking({"type": "adaptive"}, None, 100) == requested_thinking(
+        {"type": "adaptive"}, "low", None)
+    for bad, why in (({"type": "maybe"}, "thinking.type"),
+                     ({"type": "enabled"}, "positive integer"),
+                     ({"type": "enabled", "budget_tokens": True}, "positive integer"),
+                     ({"type": "enabled", "budget_tokens": 100}, "less than max_tokens")):
+        with pytest.raises(InvalidParameterValue, match=why):
+            requested_thinking(bad, None, 100)
+    # The reverse table (budget -> effort, for OpenAI) agrees with the forward one.
+    assert [effort_for(EFFORT_BUDGET[e]) for e in ("low", "medium", "high")] == \
+        ["low", "medium", "high"]
+    assert effort_for(None) == "high" and effort_for(1) == "low"
