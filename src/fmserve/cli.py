@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from fmserve.client import ApiError, ApiUnreachable, Client, resolve
 from fmserve.config import ServerConfig, default_data_dir
 
 app = typer.Typer(help="fmserve: self-hosted foundation model serving.", no_args_is_help=True,
@@ -226,33 +225,27 @@ def _ms(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _client(host: str, token: str | None) -> httpx.Client:
+def _client(host: str, token: str | None) -> Client:
     if not token:
         err.print("No token: pass --token or export DATABRICKS_TOKEN "
                   "(create one with 'fmserve tokens create').")
         raise typer.Exit(2)
-    return httpx.Client(base_url=host.rstrip("/"), timeout=300,
-                        headers={"Authorization": f"Bearer {token}"})
+    return Client(host, token)
 
 
-def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
+def _call(client: Client, method: str, path: str, **kw: Any) -> Any:
     try:
-        r = client.request(method, path, **kw)
-    except httpx.HTTPError as exc:
-        err.print(f"Cannot reach {client.base_url}: {exc}. Is 'fmserve serve' running?")
+        return client.request(method, path, **kw)
+    except ApiUnreachable as exc:
+        err.print(f"{exc}. Is 'fmserve serve' running?")
         raise typer.Exit(1) from None
-    if r.status_code >= 400:
-        try:
-            body = r.json()
-            msg = f"{body.get('error_code')}: {body.get('message')}"
-        except ValueError:
-            msg = r.text
-        err.print(f"[red]HTTP {r.status_code}[/red] {msg}", highlight=False)
-        raise typer.Exit(1)
-    return r.json()
+    except ApiError as exc:
+        err.print(f"[red]HTTP {exc.status}[/red] {exc.error_code}: {exc.message}",
+                  highlight=False)
+        raise typer.Exit(1) from None
 
 
-DEFAULT_HOST = os.environ.get("DATABRICKS_HOST", "http://127.0.0.1:8080")
+DEFAULT_HOST = resolve()[0]
 
 
 @endpoints_app.command("list")
@@ -278,7 +271,7 @@ def _load_json(path: Path) -> Any:
         raise typer.Exit(2) from None
 
 
-def _wait_deployed(c: httpx.Client, name: str, timeout_s: float = 1200) -> dict[str, Any]:
+def _wait_deployed(c: Client, name: str, timeout_s: float = 1200) -> dict[str, Any]:
     """Polls the endpoint while its config rolls out, showing entity states."""
     import time
 

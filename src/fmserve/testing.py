@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from fmserve.client import Client, http_client
+
 
 @dataclass
 class LocalServer:
@@ -33,7 +35,12 @@ class LocalServer:
         return {"Authorization": f"Bearer {self.token}"}
 
     def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, headers=self.headers, **kw)
+        """A raw ``httpx.Client`` with this server's URL and token."""
+        return http_client(self.url, self.token, timeout=120, **kw)
+
+    def api(self, **kw: Any) -> Client:
+        """An :class:`fmserve.client.Client` for this server."""
+        return Client(self.url, self.token, **kw)
 
     def health(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/health", timeout=10).json()  # type: ignore[no-any-return]
