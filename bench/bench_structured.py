@@ -62,6 +62,7 @@ from rich.progress import (  # noqa: E402
     TimeElapsedColumn,
 )
 
+from fmserve.client import AsyncClient  # noqa: E402
 from fmserve.protocol.schemas import load_schema  # noqa: E402
 from fmserve.testing import LocalServer, start_server, stop_server  # noqa: E402
 
@@ -151,19 +152,15 @@ def classify(row: dict[str, Any], form: str, r: httpx.Response) -> tuple[str, st
 
 async def bench_e2e(srv: LocalServer, rows: list[dict[str, Any]], forms: list[str],
                     max_tokens: int, concurrency: int) -> list[tuple[str, str, str, str, str]]:
-    sem = asyncio.Semaphore(concurrency)
     results: list[tuple[str, str, str, str, str]] = []
-    async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=600) as http:
+    # 503 with Retry-After (KV cache full) is retried, as the openai client does.
+    async with AsyncClient(srv.url, srv.token, timeout=600,
+                           max_concurrency=concurrency) as api:
         async def one(row: dict[str, Any], form: str) -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                for attempt in range(4):  # as the openai client does: 503 → Retry-After
-                    r = await http.post(f"/serving-endpoints/{CHAT}/invocations",
-                                        json=_body(row, form, max_tokens))
-                    if r.status_code != 503 or attempt == 3:
-                        break
-                    await asyncio.sleep(float(r.headers.get("retry-after", 1)))
-                took = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            r = await api.send("POST", f"/serving-endpoints/{CHAT}/invocations",
+                               json=_body(row, form, max_tokens))
+            took = time.perf_counter() - t0
             outcome, detail = classify(row, form, r)
             results.append((row["subset"], row["id"], form, outcome, detail))
             progress.advance(task)
@@ -191,9 +188,9 @@ def bench_speed(srv: LocalServer, largest: list[dict[str, Any]],
     """Median decode tok/s, (json_schema, the same request unconstrained), per case."""
     def run(body: dict[str, Any]) -> float | None:
         stamps: list[float] = []
-        with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=600) as http, \
-                http.stream("POST", f"/serving-endpoints/{CHAT}/invocations",
-                            json={**body, "stream": True}) as s:
+        url = f"/serving-endpoints/{CHAT}/invocations"
+        with srv.client(timeout=600) as http, \
+                http.stream("POST", url, json={**body, "stream": True}) as s:
             for line in s.iter_lines():
                 if line.startswith("data:") and line != "data: [DONE]":
                     chunk = json.loads(line[5:])
