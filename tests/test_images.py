@@ -20,8 +20,9 @@ from starlette.routing import Route
 
 from fmserve.errors import InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest
-from fmserve.providers.base import HttpClient, ProviderContext
-from fmserve.providers.images import WARNING_HEADER, prepare_images
+from fmserve.protocol.management import ExternalModelInput
+from fmserve.providers import ExternalBackend, HttpClient, ProviderContext
+from fmserve.providers.images import WARNING_HEADER
 
 
 def image_bytes(w: int, h: int, fmt: str = "PNG") -> bytes:
@@ -41,18 +42,20 @@ def request(*urls: str) -> ChatCompletionRequest:
         {"messages": [{"role": "user", "content": parts}]})
 
 
-class _Backend:
-    """The two attributes prepare_images reads from a provider backend."""
-
-    def __init__(self, allow_private: bool) -> None:
-        self.ctx = ProviderContext(http=HttpClient(10), allow_private_image_urls=allow_private)
+def _backend(allow_private: bool) -> ExternalBackend:
+    """A provider backend (no provider of its own): images load as in every provider."""
+    model = ExternalModelInput.model_validate({"provider": "custom", "name": "m",
+                                               "task": "llm/v1/chat",
+                                               "custom_provider_config": {}})
+    ctx = ProviderContext(http=HttpClient(10), allow_private_image_urls=allow_private)
+    return ExternalBackend("images", model, ctx)
 
 
 def prepare(req: ChatCompletionRequest, allow_private: bool = False) -> Any:
     async def run() -> Any:
-        backend = _Backend(allow_private)
+        backend = _backend(allow_private)
         try:
-            return await prepare_images(req, backend)  # type: ignore[arg-type]
+            return await backend.load_images(req)
         finally:
             await backend.ctx.http.close()
     return asyncio.run(run())

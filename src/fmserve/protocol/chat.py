@@ -105,17 +105,11 @@ class ChatCompletionRequest(SamplingParams):
     # "budget_tokens": int < max_tokens} or OpenAI-style ``reasoning_effort``.
     thinking: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
-    # Estimated prompt tokens of the request's images (set when they are validated).
-    _image_tokens: int = PrivateAttr(default=0)
-
-    @property
-    def image_tokens(self) -> int:
-        return self._image_tokens
 
     def estimated_prompt_tokens(self) -> int:
-        """Prompt tokens estimated (4 characters a token, images width×height/750), for
-        providers that report no usage."""
-        return sum(len(m.text()) for m in self.messages) // 4 + self._image_tokens
+        """Prompt tokens of the messages' text estimated (4 characters a token), for
+        providers that report no usage; images are counted by ``providers.images``."""
+        return sum(len(m.text()) for m in self.messages) // 4
 
     def has_images(self) -> bool:
         """True when any message carries an ``image_url``/``image`` content part."""

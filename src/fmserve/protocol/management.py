@@ -9,7 +9,7 @@ are accepted and kept. Validation that needs the model registry (known
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,19 +21,40 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-EXTERNAL_PROVIDERS: dict[str, str] = {
-    # provider → its config field (spec §2.4 ExternalModel); "google" (the Gemini API
-    # with an API key) is an fmserve extension.
-    "openai": "openai_config",
-    "anthropic": "anthropic_config",
-    "cohere": "cohere_config",
-    "amazon-bedrock": "amazon_bedrock_config",
-    "google-cloud-vertex-ai": "google_cloud_vertex_ai_config",
-    "google": "google_config",
-    "databricks-model-serving": "databricks_model_serving_config",
-    "custom": "custom_provider_config",
-    "ai21labs": "ai21labs_config",
-    "palm": "palm_config",
+class ExternalProvider(NamedTuple):
+    """One ``external_model.provider`` (spec §2.4 ``ExternalModel``).
+
+    Attributes:
+        config: the ``<provider>_config`` field holding its settings.
+        module: the ``fmserve.providers`` module that serves it; None where fmserve
+            accepts the name but serves no such provider (a 400 when an entity uses it).
+        api: the API spoken.
+    """
+
+    config: str
+    module: str | None
+    api: str
+
+
+# The one list of external-model providers ("google", the Gemini API with an API key, is
+# an fmserve extension); ``fmserve.providers.build_backend`` picks the module from it.
+EXTERNAL_PROVIDERS: dict[str, ExternalProvider] = {
+    "openai": ExternalProvider("openai_config", "openai_compat",
+                               "OpenAI / Azure OpenAI (api key, Entra ID)"),
+    "anthropic": ExternalProvider("anthropic_config", "anthropic", "Anthropic Messages API"),
+    "cohere": ExternalProvider("cohere_config", "cohere", "Cohere v2 chat / embed"),
+    "amazon-bedrock": ExternalProvider("amazon_bedrock_config", "bedrock",
+                                       "Bedrock Converse / InvokeModel (SigV4)"),
+    "google-cloud-vertex-ai": ExternalProvider("google_cloud_vertex_ai_config", "google",
+                                               "Vertex AI Gemini (service-account OAuth)"),
+    "google": ExternalProvider("google_config", "google", "Gemini API (API key)"),
+    "databricks-model-serving": ExternalProvider(
+        "databricks_model_serving_config", "openai_compat",
+        "another Databricks / fmserve workspace"),
+    "custom": ExternalProvider("custom_provider_config", "openai_compat",
+                               "any OpenAI-compatible server"),
+    "ai21labs": ExternalProvider("ai21labs_config", None, "AI21 Labs"),
+    "palm": ExternalProvider("palm_config", None, "Google PaLM"),
 }
 EXTERNAL_TASKS = ("llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings")
 
@@ -68,8 +89,9 @@ class ExternalModelInput(_Lenient):
     @model_validator(mode="after")
     def _one_config(self) -> ExternalModelInput:
         extra = self.model_extra or {}
-        given = [k for k in EXTERNAL_PROVIDERS.values() if extra.get(k) is not None]
-        want = EXTERNAL_PROVIDERS[self.provider]
+        given = [p.config for p in EXTERNAL_PROVIDERS.values()
+                 if extra.get(p.config) is not None]
+        want = EXTERNAL_PROVIDERS[self.provider].config
         if given != [want]:
             raise ValueError(f"provider '{self.provider}' takes exactly one config, "
                              f"'{want}'; got {given or 'none'}")
@@ -79,11 +101,12 @@ class ExternalModelInput(_Lenient):
 
     def provider_config(self) -> dict[str, Any]:
         """The ``<provider>_config`` object."""
-        return dict((self.model_extra or {})[EXTERNAL_PROVIDERS[self.provider]])
+        return dict((self.model_extra or {})[EXTERNAL_PROVIDERS[self.provider].config])
 
 
 class ServedEntityInput(_Lenient):
-    """One served entity: a local model (``entity_name``) or, later, an external model."""
+    """One served entity: a local model (``entity_name``) or an external model
+    (``external_model``), never both."""
 
     name: str | None = None
     entity_name: str | None = None
@@ -207,7 +230,10 @@ class RateLimitInput(_Lenient):
 
 
 class AiGatewayInput(_Lenient):
-    """``PUT …/{name}/ai-gateway`` body (stored now; enforced by the gateway later)."""
+    """``PUT …/{name}/ai-gateway`` body, stored and returned as given. Of its parts only
+    ``fallback_config`` acts today (``serving/query.py``: on a 5xx the other served
+    entities are tried); usage tracking, inference tables, rate limits and guardrails
+    are accepted and echoed, not enforced."""
 
     usage_tracking_config: dict[str, Any] | None = None
     inference_table_config: dict[str, Any] | None = None

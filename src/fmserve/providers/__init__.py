@@ -1,19 +1,9 @@
 """External models: one module per provider family, each an :class:`ExternalBackend`.
 
-``build_backend`` picks the module by ``external_model.provider`` (spec §2.4):
-
-=========================  ====================  ==========================================
-provider                   module                API spoken
-=========================  ====================  ==========================================
-openai                     ``openai_compat``     OpenAI / Azure OpenAI (api key, Entra ID)
-custom                     ``openai_compat``     any OpenAI-compatible server
-databricks-model-serving   ``openai_compat``     another Databricks / fmserve workspace
-anthropic                  ``anthropic``         Anthropic Messages API
-google                     ``google``            Gemini API (API key) — fmserve extension
-google-cloud-vertex-ai     ``google``            Vertex AI Gemini (service-account OAuth)
-amazon-bedrock             ``bedrock``           Bedrock Converse / InvokeModel (SigV4)
-cohere                     ``cohere``            Cohere v2 chat / embed
-=========================  ====================  ==========================================
+``build_backend`` picks the module by ``external_model.provider`` from the one provider
+table, :data:`fmserve.protocol.management.EXTERNAL_PROVIDERS` (provider → config field,
+module, API spoken; spec §2.4). HTTP goes through ``providers.upstream``; what every
+backend shares is in ``providers.base``.
 """
 
 from __future__ import annotations
@@ -21,21 +11,11 @@ from __future__ import annotations
 import importlib
 
 from fmserve.errors import InvalidParameterValue
-from fmserve.protocol.management import ExternalModelInput
-from fmserve.providers.base import ExternalBackend, HttpClient, ProviderContext
+from fmserve.protocol.management import EXTERNAL_PROVIDERS, ExternalModelInput
+from fmserve.providers.base import ExternalBackend, ProviderContext
+from fmserve.providers.upstream import HttpClient, Upstream
 
-__all__ = ["ExternalBackend", "HttpClient", "ProviderContext", "build_backend"]
-
-_MODULES = {
-    "openai": "openai_compat",
-    "custom": "openai_compat",
-    "databricks-model-serving": "openai_compat",
-    "anthropic": "anthropic",
-    "google": "google",
-    "google-cloud-vertex-ai": "google",
-    "amazon-bedrock": "bedrock",
-    "cohere": "cohere",
-}
+__all__ = ["ExternalBackend", "HttpClient", "ProviderContext", "Upstream", "build_backend"]
 
 
 def build_backend(name: str, model: ExternalModelInput, ctx: ProviderContext) -> ExternalBackend:
@@ -47,11 +27,12 @@ def build_backend(name: str, model: ExternalModelInput, ctx: ProviderContext) ->
         InvalidParameterValue: an unsupported provider (``ai21labs``, ``palm``) or a
             config the provider rejects (missing fields, unknown secrets).
     """
-    module = _MODULES.get(model.provider)
-    if module is None:
+    spec = EXTERNAL_PROVIDERS.get(model.provider)
+    if spec is None or spec.module is None:
+        supported = sorted(p for p, s in EXTERNAL_PROVIDERS.items() if s.module)
         raise InvalidParameterValue(
             f"served entity '{name}': provider '{model.provider}' is not supported by fmserve; "
-            f"supported: {sorted(_MODULES)}.")
-    mod = importlib.import_module(f"fmserve.providers.{module}")
+            f"supported: {supported}.")
+    mod = importlib.import_module(f"fmserve.providers.{spec.module}")
     backend: ExternalBackend = mod.create(name, model, ctx)
     return backend

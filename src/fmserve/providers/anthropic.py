@@ -48,7 +48,7 @@ not report thinking tokens separately: ``reasoning_tokens`` is an *estimate*, th
 thinking text length / 4.
 
 Errors: ``{"type": "error", "error": {"type", "message"}}`` bodies map through
-:func:`~fmserve.providers.base.provider_error` (529 ``overloaded_error`` → 503); an
+:func:`~fmserve.providers.upstream.provider_error` (529 ``overloaded_error`` → 503); an
 ``event: error`` mid-stream raises the same mapped error (sent as a final error event).
 """
 
@@ -66,13 +66,7 @@ from fmserve.errors import BadGateway, FmserveError, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest
 from fmserve.protocol.management import ExternalModelInput
 from fmserve.protocol.responses import estimate_reasoning_tokens
-from fmserve.providers.base import (
-    Body,
-    ExternalBackend,
-    ProviderContext,
-    provider_error,
-    sse_events,
-)
+from fmserve.providers.base import Body, ExternalBackend, ProviderContext
 from fmserve.providers.common import (
     Answer,
     ChunkWriter,
@@ -89,7 +83,8 @@ from fmserve.providers.common import (
     tools_of,
     usage,
 )
-from fmserve.providers.images import Images, prepare_images
+from fmserve.providers.images import Images
+from fmserve.providers.upstream import provider_error, sse_events
 
 API_VERSION = "2023-06-01"
 DEFAULT_BASE = "https://api.anthropic.com"
@@ -357,14 +352,15 @@ class AnthropicBackend(ExternalBackend):
 
     async def _prepare(self, req: ChatCompletionRequest) -> tuple[Body, ResponseTool]:
         self.reject_unsupported(req)
-        images = await prepare_images(req, self)
+        images = await self.load_images(req)
         return to_anthropic(req, self.model, images)
 
     async def chat(self, req: ChatCompletionRequest) -> Body:
         body, rtool = await self._prepare(req)
 
         async def once(_: ChatCompletionRequest) -> Body:
-            ans, u = from_anthropic(await self.post_json(self.url, body, self._headers()), rtool)
+            ans, u = from_anthropic(await self.upstream.send(self.url, body, self._headers()),
+                                    rtool)
             check_structured(ans.text, req)
             return chat_answer([ans], u)
 
@@ -374,8 +370,9 @@ class AnthropicBackend(ExternalBackend):
         if req.n != 1:
             raise InvalidParameterValue("Streaming from an Anthropic model takes n = 1.")
         body, rtool = await self._prepare(req)
-        resp = await self.open_stream(self.url, {**body, "stream": True}, self._headers())
-        async for chunk in self.guard_stream(self._chunks(resp, req, rtool), resp):
+        async for chunk in self.upstream.stream(self.url, {**body, "stream": True},
+                                                self._headers(),
+                                                lambda resp: self._chunks(resp, req, rtool)):
             yield chunk
 
     async def _chunks(self, resp: aiohttp.ClientResponse, req: ChatCompletionRequest,

@@ -1,57 +1,42 @@
-"""What every external-model backend shares: HTTP, credentials, provider errors, SSE.
+"""What every external-model backend shares: configuration, credentials, request checks.
 
 A provider module subclasses :class:`ExternalBackend` and implements the request and
 response translation for its API; this module does the rest:
 
-* one pooled ``aiohttp`` session for all providers (:class:`HttpClient`);
 * credentials read from the ``<provider>_config`` object, each field either a
   ``{{secrets/scope/key}}`` reference or a ``*_plaintext`` value stored encrypted
-  (:meth:`ExternalBackend.credential`), scrubbed from every error message;
-* provider HTTP errors mapped onto the Databricks error shape keeping the provider's
-  message (:func:`provider_error`): 4xx → 400 (401/403 kept), 429 → 429 with
-  ``Retry-After``, 5xx → 502/503, timeouts → 504 ``DEADLINE_EXCEEDED``, connection
-  failures → 502; a stream that breaks mid-way raises the same errors, which the HTTP
-  layer sends as a final error event;
-* ``text/event-stream`` parsing (:func:`sse_events`);
+  (:meth:`ExternalBackend.credential`), re-read when a referenced secret changes
+  (:meth:`ExternalBackend.before_request`) and scrubbed from every error message;
+* HTTP through :attr:`ExternalBackend.upstream`, an
+  :class:`~fmserve.providers.upstream.Upstream` built by the :class:`ProviderContext`
+  (one pooled session, errors mapped in one place — see ``providers.upstream``);
 * request parameters a provider cannot honour → 400 (:meth:`ExternalBackend.reject_unsupported`),
   ``extra_params`` passed through (:meth:`ExternalBackend.extra_params`);
+* image inputs loaded once (:meth:`ExternalBackend.load_images`);
 * ``n`` > 1 for providers without native ``n`` (concurrent calls), completions on
-  chat-only providers (:meth:`ExternalBackend.complete` maps a prompt onto one user turn).
+  chat-only providers (each prompt one user turn); the answers are assembled by
+  ``providers.over_chat``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import os
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import aiohttp
-import orjson
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fmserve.backends import Backend, Capabilities
-from fmserve.errors import (
-    BadGateway,
-    BadRequest,
-    DeadlineExceeded,
-    FmserveError,
-    InvalidParameterValue,
-    PermissionDenied,
-    RequestLimitExceeded,
-    TemporarilyUnavailable,
-    Unauthenticated,
-)
-from fmserve.protocol.chat import ChatCompletionRequest, ChatMessage, CompletionRequest
+from fmserve.errors import InvalidParameterValue
+from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.management import ExternalModelInput
+from fmserve.providers import over_chat
+from fmserve.providers.upstream import Body, HttpClient, Upstream
 
-log = logging.getLogger("fmserve.providers")
+if TYPE_CHECKING:
+    from fmserve.providers.images import Images
 
-Body = dict[str, Any]
+__all__ = ["Body", "ExternalBackend", "HttpClient", "ProviderContext"]
 
 # Request fields every provider handles (or that only concern fmserve).
 _ALWAYS = frozenset({
@@ -74,54 +59,6 @@ def _secret_refs(obj: Any) -> list[str]:
     return [obj] if isinstance(obj, str) and "{{" in obj and "secrets/" in obj else []
 
 
-def _env_configured() -> bool:
-    """Whether aiohttp's ``trust_env`` has anything to read: a proxy variable or a netrc file.
-
-    With ``trust_env`` aiohttp looks up ``~/.netrc`` and the proxy variables on every
-    request, each in a thread-pool hop (about 0.25 ms of CPU a request, a third of the
-    gateway's own cost), so it is on only when they exist (checked once, at session start).
-    """
-    if any(k != "no" for k in urllib.request.getproxies_environment()):
-        return True
-    return os.path.exists(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
-
-
-class HttpClient:
-    """The pooled ``aiohttp`` session all providers share (created on first use).
-
-    ``timeout_s`` bounds connecting and each read from the provider (seconds); a
-    provider that stays silent longer is a 504.
-    """
-
-    def __init__(self, timeout_s: float = 600.0) -> None:
-        self.timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
-        self._image_sessions: dict[bool, aiohttp.ClientSession] = {}
-
-    def image_session(self, allow_private: bool,
-                      factory: Callable[[bool], aiohttp.ClientSession]) -> aiohttp.ClientSession:
-        """The session for fetching image URLs (see ``providers.images``), made once."""
-        s = self._image_sessions.get(allow_private)
-        if s is None or s.closed:
-            s = self._image_sessions[allow_private] = factory(allow_private)
-        return s
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, self.timeout_s),
-                                              sock_read=self.timeout_s),
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                json_serialize=lambda o: orjson.dumps(o).decode(), auto_decompress=True,
-                trust_env=_env_configured())
-        return self._session
-
-    async def close(self) -> None:
-        for s in [self._session, *self._image_sessions.values()]:
-            if s is not None:
-                await s.close()
-
-
 @dataclass
 class ProviderContext:
     """What a provider backend needs from the server.
@@ -133,115 +70,15 @@ class ProviderContext:
             raises :class:`~fmserve.errors.InvalidParameterValue` for an unknown secret.
         allow_private_image_urls: let ``image_url`` fetches reach private, loopback
             and link-local addresses (off: no SSRF through the gateway).
+        upstream: builds each backend's upstream, called as ``upstream(http, provider,
+            scrub=, sign=, error=)`` (default :class:`Upstream`; a test may hand in an
+            in-process one).
     """
 
     http: HttpClient
     secret: Callable[[str], str] = lambda v: v
     allow_private_image_urls: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _retry_after(headers: Any, default: int = 1) -> int:
-    for name in ("retry-after", "x-ratelimit-reset-requests", "retry-after-ms"):
-        value = headers.get(name) if headers is not None else None
-        if not value:
-            continue
-        try:
-            seconds = float(str(value).rstrip("s"))
-        except ValueError:
-            continue
-        if name == "retry-after-ms":
-            seconds /= 1000
-        return max(1, int(seconds + 0.999))
-    return default
-
-
-def _retry_delay(body: bytes | str) -> int | None:
-    """Seconds of a Google ``RetryInfo`` error detail (``"retryDelay": "37s"``), if any."""
-    try:
-        data = json.loads(body)
-    except (ValueError, TypeError):
-        return None
-    data = data[0] if isinstance(data, list) and data else data
-    err = data.get("error") if isinstance(data, dict) else None
-    for d in (err.get("details") or []) if isinstance(err, dict) else []:
-        if isinstance(d, dict) and str(d.get("@type", "")).endswith("google.rpc.RetryInfo"):
-            try:
-                return max(1, int(float(str(d.get("retryDelay")).rstrip("s")) + 0.999))
-            except ValueError:
-                return None
-    return None
-
-
-def provider_message(body: bytes | str) -> str:
-    """The human message inside a provider's error body (OpenAI, Anthropic, Google,
-    Bedrock, Cohere and Databricks shapes), else the body text (truncated to 1000 chars)."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text.strip()[:1000]
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        data = data[0]  # Vertex/Gemini sometimes wrap the error in a list
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):  # OAuth 2.0 token endpoints (RFC 6749 §5.2)
-            desc = data.get("error_description")
-            return f"{err}: {desc}" if isinstance(desc, str) and desc else err
-        for key in ("message", "Message", "detail"):
-            if isinstance(data.get(key), str):
-                return str(data[key])
-    return text.strip()[:1000]
-
-
-def provider_error(provider: str, status: int, body: bytes | str,
-                   headers: Any = None) -> FmserveError:
-    """The Databricks error for a provider's HTTP error answer (message kept)."""
-    msg = f"{provider} returned HTTP {status}: {provider_message(body)}"
-    if status == 429:
-        return RequestLimitExceeded(msg, retry_after=_retry_after(headers,
-                                                                  _retry_delay(body) or 1))
-    if status == 401:
-        return Unauthenticated(msg)
-    if status == 403:
-        return PermissionDenied(msg)
-    if status in (503, 529):  # 529: Anthropic "overloaded_error"
-        return TemporarilyUnavailable(msg, retry_after=_retry_after(headers, 5))
-    if status == 504:
-        return DeadlineExceeded(msg)
-    if status >= 500:
-        return BadGateway(msg)
-    if status == 413:
-        return BadRequest(msg)
-    return BadRequest(msg)
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
-    """``(event, data)`` pairs of a ``text/event-stream`` body (event ``""`` when unnamed).
-
-    Multi-line ``data:`` fields are joined with ``\\n``; comments are skipped.
-    """
-    event: str = ""
-    data: list[str] = []
-    async for raw in resp.content:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "data":
-            data.append(value)
-        elif name == "event":
-            event = value
-    if data:
-        yield event, "\n".join(data)
+    upstream: Callable[..., Upstream] = Upstream
 
 
 class ExternalBackend(Backend):
@@ -250,7 +87,7 @@ class ExternalBackend(Backend):
     Subclasses set :attr:`provider` and :attr:`supported_params` (request fields beyond
     :data:`_ALWAYS` they honour), implement :meth:`check_config` and the kinds they
     serve (``chat``/``chat_stream``/``complete``/``complete_stream``/``embed``), and
-    call :meth:`post_json` / :meth:`open_stream` for HTTP.
+    call :attr:`upstream` (``send`` / ``stream``) for HTTP.
     """
 
     provider: ClassVar[str] = ""
@@ -273,6 +110,7 @@ class ExternalBackend(Backend):
             embeddings=model.task == "llm/v1/embeddings",
             tools=chat and f.tools, json_schema=chat and f.json_schema,
             vision=chat and f.vision, reasoning=chat and f.reasoning)
+        self.upstream = self.connect(**self.upstream_hooks())
         self.check_config()
         self._refs = _secret_refs(self.config)
         self._ref_values = tuple(self.ctx.secret(r) for r in self._refs)
@@ -312,7 +150,11 @@ class ExternalBackend(Backend):
                 raise self.config_error(f"'{field}' (a {{{{secrets/scope/key}}}} reference) or "
                                         f"'{field}_plaintext' is required")
             return None
-        resolved = self.ctx.secret(str(value))
+        return self.secret(str(value))
+
+    def secret(self, value: str) -> str:
+        """``value`` resolved (see :attr:`ProviderContext.secret`) and scrubbed from errors."""
+        resolved = self.ctx.secret(value)
         self._secrets.add(resolved)
         return resolved
 
@@ -326,6 +168,17 @@ class ExternalBackend(Backend):
             if s and len(s) >= 4:
                 text = text.replace(s, "[REDACTED]")
         return text
+
+    # -- the upstream --------------------------------------------------------------
+    def upstream_hooks(self) -> dict[str, Any]:
+        """``sign`` / ``error`` hooks for :attr:`upstream` (see ``providers.upstream``)."""
+        return {}
+
+    def connect(self, provider: str | None = None, **hooks: Any) -> Upstream:
+        """An upstream for this backend's calls; ``provider`` names another service
+        (e.g. a token endpoint) in its errors. Messages are scrubbed of credentials."""
+        return self.ctx.upstream(self.ctx.http, provider or self.provider, scrub=self.scrub,
+                                 **hooks)
 
     # -- request checks --------------------------------------------------------------
     def reject_unsupported(self, req: Any) -> None:
@@ -344,126 +197,36 @@ class ExternalBackend(Backend):
         """``extra_params`` to merge verbatim into the provider's request body."""
         return dict(req.extra_params or {})
 
-    # -- HTTP ----------------------------------------------------------------------
-    def _fail(self, exc: BaseException) -> FmserveError:
-        if isinstance(exc, FmserveError):
-            exc.message = self.scrub(exc.message)
-            return exc
-        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-            return DeadlineExceeded(f"{self.provider} did not answer within "
-                                    f"{self.ctx.http.timeout_s:g} s.")
-        return BadGateway(self.scrub(f"{self.provider} connection failed: "
-                                     f"{type(exc).__name__}: {exc}"))
-
-    async def post_json(self, url: str, body: Any = None, headers: dict[str, str] | None = None,
-                        *, data: bytes | None = None, method: str = "POST") -> Any:
-        """Send a request and return the decoded JSON answer.
+    async def load_images(self, req: ChatCompletionRequest) -> Images:
+        """The request's images, validated (``providers.images``); a small-image warning
+        goes into ``req.response_headers``, which the serving layer sends.
 
         Raises:
-            FmserveError: mapped provider error (:func:`provider_error`), 504 on timeout,
-                502 on connection failure or a non-JSON answer.
+            InvalidParameterValue: an image the limits refuse, or a failed fetch.
         """
-        payload = data if data is not None else (orjson.dumps(body) if body is not None
-                                                 else None)
-        hdrs = {"Content-Type": "application/json", **(headers or {})}
-        try:
-            async with self.ctx.http.session().request(method, url, data=payload,
-                                                       headers=hdrs) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise provider_error(self.provider, resp.status, raw, resp.headers)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._fail(exc) from None
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise BadGateway(f"{self.provider} answered with a body that is not JSON: "
-                             f"{self.scrub(raw[:200].decode('utf-8', 'replace'))}") from None
+        from fmserve.providers.images import prepare_images  # PIL only when needed
 
-    async def open_stream(self, url: str, body: Any = None,
-                          headers: dict[str, str] | None = None, *,
-                          data: bytes | None = None) -> aiohttp.ClientResponse:
-        """POST and return the open streaming response (caller must ``release()`` it).
+        images = await prepare_images(req, self.ctx.http, self.ctx.allow_private_image_urls)
+        req.response_headers.update(images.headers())
+        return images
 
-        Raises:
-            FmserveError: as :meth:`post_json`, for an error status before the stream.
-        """
-        payload = data if data is not None else orjson.dumps(body)
-        hdrs = {"Content-Type": "application/json", **(headers or {})}
-        try:
-            resp = await self.ctx.http.session().post(url, data=payload, headers=hdrs)
-            if resp.status >= 400:
-                raw = await resp.read()
-                resp.release()
-                raise provider_error(self.provider, resp.status, raw, resp.headers)
-            return resp
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._fail(exc) from None
-
-    async def guard_stream(self, chunks: AsyncIterator[Body],
-                           resp: aiohttp.ClientResponse) -> AsyncIterator[Body]:
-        """Re-raise transport failures inside ``chunks`` as mapped errors; always release."""
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except (TimeoutError, aiohttp.ClientError, FmserveError) as exc:
-            err = self._fail(exc)
-            if not isinstance(exc, FmserveError):
-                err.message = f"The stream from {self.provider} broke: {err.message}"
-            raise err from None
-        finally:
-            resp.release()
-
-    # -- generic n / completions -----------------------------------------------------
+    # -- n and completions over chat -------------------------------------------------
     async def chat_n(self, req: ChatCompletionRequest,
-                     once: Callable[[ChatCompletionRequest], Any]) -> Body:
+                     once: Callable[[ChatCompletionRequest], Awaitable[Body]]) -> Body:
         """``n`` choices by ``n`` concurrent single calls (providers without native ``n``)."""
         if req.n == 1 or self.native_n:
-            return await once(req)  # type: ignore[no-any-return]
+            return await once(req)
         single = req.model_copy(update={"n": 1})
-        answers = await asyncio.gather(*(once(single) for _ in range(req.n)))
-        choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
-        usage: dict[str, int] = {}
-        for a in answers:
-            for k, v in (a.get("usage") or {}).items():
-                if isinstance(v, int):
-                    usage[k] = usage.get(k, 0) + v
-        # The prompt is the same for every call: count it once.
-        if "prompt_tokens" in usage:
-            usage["prompt_tokens"] //= req.n
-            usage["total_tokens"] = usage["prompt_tokens"] + usage.get("completion_tokens", 0)
-        return {"object": "chat.completion", "choices": choices, "usage": usage}
-
-    def _as_chat(self, req: CompletionRequest, prompt: str) -> ChatCompletionRequest:
-        fields = req.model_dump(exclude={"prompt"}, exclude_none=True)
-        fields["messages"] = [ChatMessage(role="user", content=prompt)]
-        return ChatCompletionRequest.model_validate(fields)
+        return over_chat.merge_choices(
+            list(await asyncio.gather(*(once(single) for _ in range(req.n)))))
 
     async def complete(self, req: CompletionRequest) -> Body:
         """Completions on a chat model: each prompt becomes one user turn (``n`` per prompt)."""
         if not self.capabilities.completions:
             raise self._unsupported("Completions")
-        answers = await asyncio.gather(*(self.chat(self._as_chat(req, p))
+        answers = await asyncio.gather(*(self.chat(over_chat.as_chat(req, p))
                                          for p in req.prompts()))
-        choices: list[Body] = []
-        prompt_t = completion_t = 0
-        for a in answers:
-            for c in a["choices"]:
-                content = c["message"].get("content")
-                text = content if isinstance(content, str) else "".join(
-                    b.get("text", "") for b in content or [] if b.get("type") == "text")
-                choices.append({"index": len(choices), "text": text,
-                                "finish_reason": c.get("finish_reason"), "logprobs": None})
-            u = a.get("usage") or {}
-            prompt_t += u.get("prompt_tokens", 0)
-            completion_t += u.get("completion_tokens", 0)
-        return {"object": "text_completion", "choices": choices,
-                "usage": {"prompt_tokens": prompt_t, "completion_tokens": completion_t,
-                          "total_tokens": prompt_t + completion_t}}
+        return over_chat.completion_of(list(answers))
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[Body]:
         """Streams a chat answer as completion chunks (one prompt, ``n`` = 1)."""
@@ -473,15 +236,9 @@ class ExternalBackend(Backend):
         if len(prompts) != 1 or req.n != 1:
             raise InvalidParameterValue("Streaming completions from an external chat model "
                                         "take one prompt and n = 1.")
-        stream = self.chat_stream(self._as_chat(req, prompts[0]))
+        stream = self.chat_stream(over_chat.as_chat(req, prompts[0]))
         try:
             async for chunk in stream:
-                out = []
-                for c in chunk.get("choices", []):
-                    d = c.get("delta") or {}
-                    text = d.get("content") if isinstance(d.get("content"), str) else ""
-                    out.append({"index": c.get("index", 0), "text": text or "",
-                                "finish_reason": c.get("finish_reason"), "logprobs": None})
-                yield {"object": "text_completion", "choices": out, "usage": chunk.get("usage")}
+                yield over_chat.completion_chunk(chunk)
         finally:
             await stream.aclose()  # type: ignore[attr-defined]

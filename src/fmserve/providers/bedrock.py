@@ -15,10 +15,11 @@ Config (spec §2.4 ``amazon_bedrock_config``):
   ``https://bedrock-runtime.{aws_region}.amazonaws.com`` (VPC endpoints, proxies, tests).
 
 Every request is signed with AWS Signature V4 (``botocore.auth.SigV4Auth``, service
-``bedrock``) over the exact bytes sent, and sent on the shared aiohttp session by this
-module rather than ``post_json``/``open_stream``: the URL must go out exactly as signed
-(yarl would turn the model id's ``%3A`` back into ``:`` and break the signature), and
-errors are mapped by their ``x-amzn-ErrorType`` header.
+``bedrock``) over the exact bytes sent: :meth:`BedrockBackend.sign` is the upstream's
+signing hook (a signed URL goes out exactly as signed — re-encoded, the model id's
+``%3A`` would turn back into ``:`` and break the signature), and
+:func:`~fmserve.providers.bedrock_converse.bedrock_error` its error hook (errors mapped by
+their ``x-amzn-ErrorType`` header).
 
 Wire formats (Bedrock API reference, ``bedrock-runtime``; translation in
 :mod:`fmserve.providers.bedrock_converse`):
@@ -52,7 +53,7 @@ tool whose input is the answer, validated with ``check_structured``. ``top_k`` �
 Errors: the ``x-amzn-ErrorType`` header decides (``ThrottlingException`` → 429,
 ``ValidationException`` → 400, ``AccessDeniedException`` → 403, ``ModelTimeoutException``
 → 504, ``ServiceUnavailableException`` → 503, …), else the status as in
-:func:`~fmserve.providers.base.provider_error`; the message is Bedrock's ``{"message"}``.
+:func:`~fmserve.providers.upstream.provider_error`; the message is Bedrock's ``{"message"}``.
 """
 
 from __future__ import annotations
@@ -65,8 +66,6 @@ from urllib.parse import quote
 
 import aiohttp
 import numpy as np
-import orjson
-import yarl
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -86,7 +85,7 @@ from fmserve.providers.bedrock_converse import (
     from_converse,
     to_converse,
 )
-from fmserve.providers.images import Images, prepare_images
+from fmserve.providers.images import Images
 
 Body = dict[str, Any]
 COHERE_BATCH = 96  # Cohere Embed on Bedrock: at most 96 texts per call
@@ -136,55 +135,22 @@ class BedrockBackend(ExternalBackend):
             self.capabilities = dataclasses.replace(self.capabilities, reasoning=False)
 
     # -- HTTP ------------------------------------------------------------------------------
+    def upstream_hooks(self) -> dict[str, Any]:
+        return {"sign": self.sign, "error": bedrock_error}
+
     def url(self, action: str) -> str:
         return f"{self.base_url}/model/{quote(self.model, safe='')}/{action}"
 
-    def sign(self, url: str, data: bytes, accept: str) -> dict[str, str]:
-        """SigV4 headers for a POST of exactly ``data`` to ``url``."""
-        req = AWSRequest(method="POST", url=url, data=data,
-                         headers={"Content-Type": "application/json", "Accept": accept})
+    def sign(self, method: str, url: str, data: bytes, headers: dict[str, str]) -> dict[str, str]:
+        """``headers`` plus the SigV4 ones for a request of exactly ``data`` to ``url``."""
+        req = AWSRequest(method=method, url=url, data=data, headers=headers)
         SigV4Auth(self.credentials, "bedrock", self.region).add_auth(req)
         return dict(req.headers.items())
-
-    async def _open(self, action: str, body: Body, accept: str) -> aiohttp.ClientResponse:
-        """Sign and POST; return the open response (errors mapped, caller releases)."""
-        url = self.url(action)
-        data = orjson.dumps(body)
-        headers = self.sign(url, data, accept)
-        try:
-            resp = await self.ctx.http.session().post(yarl.URL(url, encoded=True), data=data,
-                                                      headers=headers)
-            if resp.status >= 400:
-                raw = await resp.read()
-                resp.release()
-                raise bedrock_error(resp.status, raw, resp.headers)
-            return resp
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._fail(exc) from None
-
-    async def _post(self, action: str, body: Body) -> tuple[Body, Any]:
-        """Sign, POST and decode the JSON answer; returns ``(body, headers)``."""
-        resp = await self._open(action, body, "application/json")
-        try:
-            raw = await resp.read()
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._fail(exc) from None
-        finally:
-            resp.release()
-        try:
-            return orjson.loads(raw), resp.headers
-        except orjson.JSONDecodeError:
-            raise BadGateway(f"amazon-bedrock answered with a body that is not JSON: "
-                             f"{self.scrub(raw[:200].decode('utf-8', 'replace'))}") from None
 
     # -- chat ------------------------------------------------------------------------------
     async def _request(self, req: ChatCompletionRequest) -> tuple[Body, Images | None]:
         self.reject_unsupported(req)
-        images = await prepare_images(req, self) if req.has_images() else None
+        images = await self.load_images(req) if req.has_images() else None
         return to_converse(req, self.bedrock_provider, images), images
 
     async def chat(self, req: ChatCompletionRequest) -> Body:
@@ -193,7 +159,8 @@ class BedrockBackend(ExternalBackend):
     async def _chat_once(self, req: ChatCompletionRequest) -> Body:
         body, _ = await self._request(req)
         structured = c.response_schema(req)[0] != "text"
-        data, _ = await self._post("converse", body)
+        data = await self.upstream.send(self.url("converse"), body,
+                                        {"Accept": "application/json"})
         answer, usage = from_converse(data, structured)
         if structured:
             c.check_structured(answer.text, req)
@@ -203,8 +170,10 @@ class BedrockBackend(ExternalBackend):
         if req.n != 1:
             raise InvalidParameterValue("Streaming from amazon-bedrock takes n = 1.")
         body, _ = await self._request(req)
-        resp = await self._open("converse-stream", body, "application/vnd.amazon.eventstream")
-        async for chunk in self.guard_stream(self._chunks(resp, req), resp):
+        async for chunk in self.upstream.stream(
+                self.url("converse-stream"), body,
+                {"Accept": "application/vnd.amazon.eventstream"},
+                lambda resp: self._chunks(resp, req)):
             yield chunk
 
     async def _chunks(self, resp: aiohttp.ClientResponse,
@@ -271,7 +240,7 @@ class BedrockBackend(ExternalBackend):
         if self.bedrock_provider == "amazon":
             if req.dimensions is not None:
                 extra.setdefault("dimensions", req.dimensions)
-            answers = await asyncio.gather(*(self._post("invoke", {"inputText": t, **extra})
+            answers = await asyncio.gather(*(self._invoke({"inputText": t, **extra})
                                              for t in texts))
             vectors = [a["embedding"] for a, _ in answers]
             tokens = sum(int(a.get("inputTextTokenCount", 0)) for a, _ in answers)
@@ -280,7 +249,7 @@ class BedrockBackend(ExternalBackend):
                 raise InvalidParameterValue("dimensions is not supported by Cohere embeddings "
                                             "on amazon-bedrock.")
             batches = [texts[i:i + COHERE_BATCH] for i in range(0, len(texts), COHERE_BATCH)]
-            answers = await asyncio.gather(*(self._post("invoke", {
+            answers = await asyncio.gather(*(self._invoke({
                 "texts": b, "input_type": "search_document", **extra}) for b in batches))
             vectors, tokens = [], 0
             for a, headers in answers:
@@ -291,3 +260,9 @@ class BedrockBackend(ExternalBackend):
             raise BadGateway(f"amazon-bedrock returned {len(vectors)} embeddings for "
                              f"{len(texts)} inputs.")
         return EmbeddingResult(np.asarray(vectors, dtype=np.float32), tokens)
+
+    async def _invoke(self, body: Body) -> tuple[Body, Any]:
+        """InvokeModel: ``(answer, response headers)``."""
+        data, headers = await self.upstream.send_reply(self.url("invoke"), body,
+                                                       {"Accept": "application/json"})
+        return data, headers

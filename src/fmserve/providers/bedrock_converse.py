@@ -32,8 +32,8 @@ from fmserve.errors import (
 )
 from fmserve.protocol.chat import ChatCompletionRequest
 from fmserve.providers import common as c
-from fmserve.providers.base import provider_error, provider_message
 from fmserve.providers.images import Images
+from fmserve.providers.upstream import provider_error, provider_message
 
 Body = dict[str, Any]
 

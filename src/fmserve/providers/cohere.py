@@ -54,7 +54,7 @@ Mapping choices:
 * Usage: ``usage.tokens`` (what the model processed), else ``usage.billed_units``.
 
 Errors: Cohere's ``{"message"}`` (or ``{"id", "message"}``) body is kept; statuses map as
-in :func:`~fmserve.providers.base.provider_error` (429 keeps ``Retry-After``).
+in :func:`~fmserve.providers.upstream.provider_error` (429 keeps ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ from fmserve.protocol.chat import ChatCompletionRequest, ChatMessage
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.management import ExternalModelInput
 from fmserve.providers import common as c
-from fmserve.providers.base import ExternalBackend, ProviderContext, sse_events
+from fmserve.providers.base import ExternalBackend, ProviderContext
+from fmserve.providers.upstream import sse_events
 
 Body = dict[str, Any]
 
@@ -234,7 +235,7 @@ class CohereBackend(ExternalBackend):
         body = self._request(req)
 
         async def once(r: ChatCompletionRequest) -> Body:
-            data = await self.post_json(f"{self.base}/v2/chat", body, self._headers())
+            data = await self.upstream.send(f"{self.base}/v2/chat", body, self._headers())
             ans, u = from_cohere(data)
             if not ans.tool_calls:
                 c.check_structured(ans.text, r)
@@ -251,8 +252,8 @@ class CohereBackend(ExternalBackend):
 
     async def _stream(self, body: Body, req: ChatCompletionRequest) -> AsyncIterator[Body]:
         headers = {**self._headers(), "Accept": "text/event-stream"}
-        resp = await self.open_stream(f"{self.base}/v2/chat", body, headers)
-        async for chunk in self.guard_stream(self._chunks(resp, req), resp):
+        async for chunk in self.upstream.stream(f"{self.base}/v2/chat", body, headers,
+                                                lambda resp: self._chunks(resp, req)):
             yield chunk
 
     async def _chunks(self, resp: Any, req: ChatCompletionRequest) -> AsyncIterator[Body]:
@@ -308,7 +309,7 @@ class CohereBackend(ExternalBackend):
         base.update(self.extra_params(req))
         batches = [texts[i:i + EMBED_BATCH] for i in range(0, len(texts), EMBED_BATCH)]
         answers = await asyncio.gather(*(
-            self.post_json(f"{self.base}/v2/embed", {**base, "texts": b}, self._headers())
+            self.upstream.send(f"{self.base}/v2/embed", {**base, "texts": b}, self._headers())
             for b in batches))
         vectors: list[list[float]] = []
         tokens = 0

@@ -50,10 +50,6 @@ def parts(msg: ChatMessage) -> list[dict[str, Any]]:
     return [p.model_dump(exclude_none=True) for p in msg.content]
 
 
-def text_of(msg: ChatMessage) -> str:
-    return msg.text()
-
-
 @dataclass
 class Reasoning:
     """One prior reasoning block sent back in history (signature kept for the provider)."""
@@ -79,13 +75,10 @@ def reasoning_of(msg: ChatMessage) -> list[Reasoning]:
 
 def image_url_of(part: dict[str, Any]) -> str | None:
     """The URL of an ``image_url`` (OpenAI) or ``image`` (FMAPI) content part."""
-    if part.get("type") == "image_url":
-        iu = part.get("image_url")
-        return iu.get("url") if isinstance(iu, dict) else iu
-    if part.get("type") == "image":
-        iu = part.get("image_url")
-        return iu.get("url") if isinstance(iu, dict) else iu
-    return None
+    if part.get("type") not in ("image_url", "image"):
+        return None
+    iu = part.get("image_url")
+    return iu.get("url") if isinstance(iu, dict) else iu
 
 
 def tool_arguments(call: dict[str, Any]) -> dict[str, Any]:
@@ -308,9 +301,6 @@ class ChunkWriter:
     def reasoning_delta(self, text: str = "", signature: str | None = None,
                         encrypted: str | None = None) -> Body:
         return self._chunk({"content": [reasoning_item(text, signature, encrypted)]})
-
-    def tool_index(self, key: Any) -> int | None:
-        return self._calls.get(key)
 
     def tool_start(self, key: Any, call_id: str, name: str, arguments: str = "") -> Body:
         index = self._calls.setdefault(key, len(self._calls))

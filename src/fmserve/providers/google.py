@@ -31,7 +31,7 @@ characters / 4); Vertex ``:predict`` with ``instances: [{"content"}]``
 250 texts per call, one per call for ``gemini-embedding-*``; ``statistics.token_count``).
 
 Errors: ``{"error": {"code", "message", "status"}}`` bodies keep their message
-(:func:`~fmserve.providers.base.provider_error`; 429 ``RESOURCE_EXHAUSTED`` → 429); a
+(:func:`~fmserve.providers.upstream.provider_error`; 429 ``RESOURCE_EXHAUSTED`` → 429); a
 failed token exchange is a 401; an answer that does not match ``response_format`` is a 502.
 """
 
@@ -51,19 +51,19 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from fmserve.backends import EmbeddingResult
 from fmserve.errors import BadGateway, FmserveError, Unauthenticated
+from fmserve.oauth_tokens import TokenSource
 from fmserve.protocol.chat import ChatCompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.management import ExternalModelInput
 from fmserve.providers import common
 from fmserve.providers import google_wire as wire
-from fmserve.providers.base import Body, ExternalBackend, ProviderContext, sse_events
-from fmserve.providers.images import prepare_images
+from fmserve.providers.base import Body, ExternalBackend, ProviderContext
+from fmserve.providers.upstream import sse_events
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 DEFAULT_TOKEN_URI = "https://oauth2.googleapis.com/token"
 TOKEN_LIFETIME_S = 3600
-REFRESH_MARGIN_S = 300
 EMBED_CONCURRENCY = 8  # embedding calls in flight per request
 
 
@@ -96,7 +96,7 @@ class GoogleBackend(ExternalBackend):
     # -- chat ----------------------------------------------------------------------
     async def _body(self, req: ChatCompletionRequest) -> Body:
         self.reject_unsupported(req)
-        images = await prepare_images(req, self)
+        images = await self.load_images(req)
         return wire.request_body(req, images)
 
     async def chat(self, req: ChatCompletionRequest) -> Body:
@@ -110,8 +110,8 @@ class GoogleBackend(ExternalBackend):
         body = await self._body(req)
 
         async def once(r: ChatCompletionRequest) -> Body:
-            data = await self.post_json(self.url("generateContent"), body,
-                                        await self.auth_headers())
+            data = await self.upstream.send(self.url("generateContent"), body,
+                                            await self.auth_headers())
             answer, usage = wire.from_response(data)
             common.check_structured(answer.text, req)
             return common.chat_answer([answer], usage)
@@ -121,9 +121,9 @@ class GoogleBackend(ExternalBackend):
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Body]:
         """``chat.completion.chunk`` dicts from ``:streamGenerateContent?alt=sse``."""
         body = await self._body(req)
-        resp = await self.open_stream(self.url("streamGenerateContent") + "?alt=sse", body,
-                                      await self.auth_headers())
-        async for chunk in self.guard_stream(self._chunks(resp, req), resp):
+        async for chunk in self.upstream.stream(self.url("streamGenerateContent") + "?alt=sse",
+                                                body, await self.auth_headers(),
+                                                lambda resp: self._chunks(resp, req)):
             yield chunk
 
     async def _chunks(self, resp: Any, req: ChatCompletionRequest) -> AsyncIterator[Body]:
@@ -232,8 +232,8 @@ class GeminiBackend(GoogleBackend):
         body: Body = {"requests": [{**one, "content": {"parts": [{"text": t}]}}
                                    for t in texts]}
         body.update(self.extra_params(req))
-        answer = await self.post_json(self.url("batchEmbedContents"), body,
-                                      await self.auth_headers())
+        answer = await self.upstream.send(self.url("batchEmbedContents"), body,
+                                          await self.auth_headers())
         found = answer.get("embeddings") if isinstance(answer, dict) else None
         vectors = [e.get("values") or [] for e in found or [] if isinstance(e, dict)]
         return vectors, sum(max(1, len(t) // 4) for t in texts)
@@ -272,8 +272,8 @@ class VertexBackend(GoogleBackend):
         self.base = str(self.option("vertex_ai_api_base", f"https://{host}")).rstrip("/")
         self.token_url = str(self.option("vertex_ai_token_url",
                                          info.get("token_uri") or DEFAULT_TOKEN_URI))
-        self._token: tuple[str, float] | None = None  # (access token, expires at, monotonic)
-        self._token_lock = asyncio.Lock()
+        self.tokens = TokenSource("The Vertex AI token endpoint", self._fetch_token,
+                                  on_token=self._secrets.add)
 
     def url(self, method: str) -> str:
         return (f"{self.base}/v1/projects/{self.project}/locations/{self.region}/publishers/"
@@ -288,31 +288,24 @@ class VertexBackend(GoogleBackend):
         Raises:
             Unauthenticated: the token endpoint refused the key (401).
         """
-        async with self._token_lock:
-            if self._token and time.monotonic() < self._token[1]:
-                return self._token[0]
-            now = int(time.time())
-            assertion = sign_jwt({"iss": self.client_email, "scope": SCOPE,
-                                  "aud": self.token_url, "iat": now,
-                                  "exp": now + TOKEN_LIFETIME_S},
-                                 self.signing_key, self.key_id)
-            form = urllib.parse.urlencode({"grant_type": JWT_BEARER, "assertion": assertion})
-            try:
-                answer = await self.post_json(
-                    self.token_url, data=form.encode(),
-                    headers={"Content-Type": "application/x-www-form-urlencoded"})
-            except FmserveError as exc:
-                if exc.status_code in (429, 502, 503, 504):
-                    raise
-                raise Unauthenticated(f"Vertex AI token exchange for {self.client_email} "
-                                      f"failed: {exc.message}") from None
-            token = answer.get("access_token") if isinstance(answer, dict) else None
-            if not token:
-                raise BadGateway("The Vertex AI token endpoint answered without access_token.")
-            self._secrets.add(str(token))
-            lifetime = int(answer.get("expires_in") or TOKEN_LIFETIME_S)
-            self._token = (str(token), time.monotonic() + max(0, lifetime - REFRESH_MARGIN_S))
-            return str(token)
+        return await self.tokens.token()
+
+    async def _fetch_token(self) -> Any:
+        """One JWT bearer grant (see the module docstring): the token endpoint's answer."""
+        now = int(time.time())
+        assertion = sign_jwt({"iss": self.client_email, "scope": SCOPE, "aud": self.token_url,
+                              "iat": now, "exp": now + TOKEN_LIFETIME_S},
+                             self.signing_key, self.key_id)
+        form = urllib.parse.urlencode({"grant_type": JWT_BEARER, "assertion": assertion})
+        try:
+            return await self.upstream.send(
+                self.token_url, data=form.encode(),
+                headers={"Content-Type": "application/x-www-form-urlencoded"})
+        except FmserveError as exc:
+            if exc.status_code in (429, 502, 503, 504):
+                raise
+            raise Unauthenticated(f"Vertex AI token exchange for {self.client_email} "
+                                  f"failed: {exc.message}") from None
 
     def _batch_size(self) -> int:
         return 1 if self.model.startswith("gemini-embedding") else self.batch_size
@@ -323,7 +316,7 @@ class VertexBackend(GoogleBackend):
         if req.dimensions is not None:
             body["parameters"] = {"outputDimensionality": req.dimensions}
         body.update(self.extra_params(req))
-        answer = await self.post_json(self.url("predict"), body, await self.auth_headers())
+        answer = await self.upstream.send(self.url("predict"), body, await self.auth_headers())
         vectors, tokens = [], 0
         found = answer.get("predictions") if isinstance(answer, dict) else None
         for p in found or []:

@@ -40,7 +40,7 @@ from fmserve.protocol.chat import ChatCompletionRequest
 from fmserve.providers.common import image_url_of, parts
 
 if TYPE_CHECKING:
-    from fmserve.providers.base import ExternalBackend
+    from fmserve.providers.upstream import HttpClient
 
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 MAX_EDGE_PX = 8000
@@ -87,7 +87,15 @@ class Images:
 
     @property
     def tokens(self) -> int:
+        """Estimated prompt tokens of all the images (see :attr:`LoadedImage.tokens`)."""
         return sum(i.tokens for i in self.by_part.values())
+
+    def headers(self) -> dict[str, str]:
+        """Response headers for the caller: the warnings in :data:`WARNING_HEADER`
+        (joined by `` | ``, at most 1000 characters), or none."""
+        if not self.warnings:
+            return {}
+        return {WARNING_HEADER: " | ".join(self.warnings)[:1000]}
 
 
 def _public(host: str) -> bool:
@@ -123,8 +131,7 @@ def image_session(allow_private: bool) -> aiohttp.ClientSession:
         total=FETCH_TIMEOUT_S))
 
 
-async def _fetch(url: str, where: str, backend: ExternalBackend) -> bytes:
-    allow_private = backend.ctx.allow_private_image_urls
+async def _fetch(url: str, where: str, http: HttpClient, allow_private: bool) -> bytes:
     scheme = url.split(":", 1)[0].lower()
     if scheme != "https" and not (allow_private and scheme == "http"):
         raise InvalidParameterValue(f"{where}: image URLs must be https:// or data: URLs.")
@@ -135,7 +142,7 @@ async def _fetch(url: str, where: str, backend: ExternalBackend) -> bytes:
                                         f"private, loopback or link-local addresses ({host}).")
     except ValueError:
         pass  # a host name: checked on resolution by PublicOnlyResolver
-    session = backend.ctx.http.image_session(allow_private, image_session)
+    session = http.image_session(allow_private, image_session)
     try:
         async with session.get(url, allow_redirects=False) as resp:
             if resp.status != 200:
@@ -213,10 +220,13 @@ def image_parts(req: ChatCompletionRequest) -> list[tuple[int, int, str | None]]
     return found
 
 
-async def prepare_images(req: ChatCompletionRequest, backend: ExternalBackend) -> Images:
+async def prepare_images(req: ChatCompletionRequest, http: HttpClient,
+                         allow_private: bool = False) -> Images:
     """Load and validate every image of ``req`` (concurrently); see the module docstring.
 
-    Adds the small-image warning to ``req.response_headers``.
+    ``http`` holds the sessions for ``https://`` fetches; ``allow_private`` lets them
+    reach private addresses (and plain ``http://``). The request is not changed: the
+    images, their estimated tokens and the small-image warnings are in the result.
 
     Raises:
         InvalidParameterValue: 400 for any rule above, a bad data URL, a refused or
@@ -236,7 +246,7 @@ async def prepare_images(req: ChatCompletionRequest, backend: ExternalBackend) -
         if not isinstance(url, str) or not url:
             raise InvalidParameterValue(f"{where}: image_url.url is required.")
         raw = (_decode_data_url(url, where) if url.startswith("data:")
-               else await _fetch(url, where, backend))
+               else await _fetch(url, where, http, allow_private))
         img, warning = await asyncio.to_thread(_load, raw, where, many)
         images.by_part[(mi, pi)] = img
         if warning:
@@ -246,7 +256,4 @@ async def prepare_images(req: ChatCompletionRequest, backend: ExternalBackend) -
     for r in results:
         if isinstance(r, BaseException):
             raise r
-    req._image_tokens = images.tokens
-    if images.warnings:
-        req.response_headers[WARNING_HEADER] = " | ".join(images.warnings)[:1000]
     return images

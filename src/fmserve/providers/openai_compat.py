@@ -35,7 +35,7 @@ Wire formats: https://platform.openai.com/docs/api-reference/chat/create (stream
 Azure: learn.microsoft.com/azure/ai-services/openai/reference; Entra client credentials:
 learn.microsoft.com/entra/identity-platform/v2-oauth2-client-creds-grant-flow.
 
-Errors: provider HTTP errors are mapped by :func:`~fmserve.providers.base.provider_error`;
+Errors: provider HTTP errors are mapped by :func:`~fmserve.providers.upstream.provider_error`;
 an ``{"error": ...}`` event inside a stream is mapped the same way; a stream that ends
 without ``data: [DONE]`` is a 502 (:class:`~fmserve.errors.BadGateway`); an answer that
 does not match ``response_format`` is a 502.
@@ -43,28 +43,22 @@ does not match ``response_format`` is a 502.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import numpy as np
-import orjson
 
 from fmserve.backends import EmbeddingResult
 from fmserve.errors import BadGateway
+from fmserve.oauth_tokens import TokenSource
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.management import ExternalModelInput
 from fmserve.protocol.responses import effort_for
 from fmserve.providers import common
-from fmserve.providers.base import (
-    Body,
-    ExternalBackend,
-    ProviderContext,
-    provider_error,
-)
+from fmserve.providers.base import Body, ExternalBackend, ProviderContext
 from fmserve.providers.openai_stream import (
     chat_chunks,
     completion_chunks,
@@ -78,7 +72,6 @@ from fmserve.providers.openai_stream import (
 OPENAI_BASE = "https://api.openai.com/v1"
 ENTRA_HOST = "https://login.microsoftonline.com"
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
-TOKEN_MARGIN_S = 300  # refresh an Entra token this long before it expires
 
 _OPENAI_PARAMS = frozenset({"seed", "frequency_penalty", "presence_penalty", "logit_bias",
                             "logprobs", "top_logprobs", "user", "service_tier", "store",
@@ -108,8 +101,9 @@ class OpenAICompatBackend(ExternalBackend):
     def adapt(self, body: Body, req: ChatCompletionRequest) -> None:
         """Provider-specific changes to the outbound chat body (in place)."""
 
-    async def to_openai(self, req: ChatCompletionRequest, stream: bool) -> Body:
-        """The outbound chat body: the request as sent, ``model`` = upstream id."""
+    async def to_openai(self, req: ChatCompletionRequest, stream: bool) -> tuple[Body, int]:
+        """The outbound chat body (the request as sent, ``model`` = upstream id) and the
+        estimated prompt tokens of its images (for a provider that reports no usage)."""
         self.reject_unsupported(req)
         if req.tools:
             common.tool_choice_of(req, common.tools_of(req))
@@ -120,8 +114,7 @@ class OpenAICompatBackend(ExternalBackend):
         for k in _INTERNAL:
             body.pop(k, None)
         body["model"] = self.model
-        if req.has_images():
-            await self._inline_images(req, body)
+        image_tokens = await self._inline_images(req, body) if req.has_images() else 0
         if stream:
             body["stream"] = True
             if self.include_usage:
@@ -133,12 +126,11 @@ class OpenAICompatBackend(ExternalBackend):
         self.adapt(body, req)
         if extra:
             body.update(extra)
-        return body
+        return body, image_tokens
 
-    async def _inline_images(self, req: ChatCompletionRequest, body: Body) -> None:
-        from fmserve.providers.images import prepare_images
-
-        images = await prepare_images(req, self)
+    async def _inline_images(self, req: ChatCompletionRequest, body: Body) -> int:
+        """Every image part of ``body`` as a data URL; returns the images' tokens."""
+        images = await self.load_images(req)
         for mi, (msg, out) in enumerate(zip(req.messages, body["messages"], strict=True)):
             if not isinstance(msg.content, list):
                 continue
@@ -154,6 +146,7 @@ class OpenAICompatBackend(ExternalBackend):
                 else:
                     new.append(part)
             out["content"] = new
+        return images.tokens
 
     # -- chat --------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest) -> Body:
@@ -163,13 +156,15 @@ class OpenAICompatBackend(ExternalBackend):
             FmserveError: provider errors (mapped), 502 for an answer that breaks
                 ``response_format``.
         """
-        body = await self.to_openai(req, stream=False)
-        answer = await self.post_json(self.url("chat/completions"), body,
-                                      await self.auth_headers())
-        return self.from_openai(answer, req)
+        body, image_tokens = await self.to_openai(req, stream=False)
+        answer = await self.upstream.send(self.url("chat/completions"), body,
+                                          await self.auth_headers())
+        return self.from_openai(answer, req, image_tokens)
 
-    def from_openai(self, answer: Body, req: ChatCompletionRequest) -> Body:
-        """The provider answer normalised in place (no id/model/created)."""
+    def from_openai(self, answer: Body, req: ChatCompletionRequest,
+                    image_tokens: int = 0) -> Body:
+        """The provider answer normalised in place (no id/model/created); without usage,
+        prompt tokens are estimated from the text plus ``image_tokens``."""
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
             raise BadGateway(f"{self.provider} answered without choices: "
                              f"{self.scrub(str(answer)[:200])}")
@@ -183,7 +178,8 @@ class OpenAICompatBackend(ExternalBackend):
                 common.check_structured(message_text(msg), req)
         if not answer.get("usage"):  # e.g. a local OpenAI-compatible server: estimate
             text = "".join(message_text(c.get("message") or {}) for c in answer["choices"])
-            answer["usage"] = common.usage(req.estimated_prompt_tokens(), len(text) // 4)
+            answer["usage"] = common.usage(req.estimated_prompt_tokens() + image_tokens,
+                                           len(text) // 4)
         answer["usage"] = u = openai_usage(answer.get("usage"))
         if not u.get("reasoning_tokens"):
             chars = sum(reasoning_chars(c["message"]["content"]) for c in answer["choices"]
@@ -199,11 +195,11 @@ class OpenAICompatBackend(ExternalBackend):
             FmserveError: provider errors before the first chunk; after it, mapped errors
                 for an ``error`` event, a broken connection, or a stream without ``[DONE]``.
         """
-        body = await self.to_openai(req, stream=True)
-        resp = await self.open_stream(self.url("chat/completions"), body,
-                                      await self.auth_headers())
-        async for chunk in self.guard_stream(
-                chat_chunks(resp, req, self.provider, self.include_usage), resp):
+        body, image_tokens = await self.to_openai(req, stream=True)
+        async for chunk in self.upstream.stream(
+                self.url("chat/completions"), body, await self.auth_headers(),
+                lambda resp: chat_chunks(resp, req, self.provider, self.include_usage,
+                                         image_tokens)):
             yield chunk
 
     # -- completions ---------------------------------------------------------------------
@@ -229,8 +225,9 @@ class OpenAICompatBackend(ExternalBackend):
         """Native ``/completions`` for ``llm/v1/completions`` models; chat ones via chat."""
         if self.task != "llm/v1/completions":
             return await super().complete(req)
-        answer = await self.post_json(self.url("completions"), self._completion_body(req, False),
-                                      await self.auth_headers())
+        answer = await self.upstream.send(self.url("completions"),
+                                          self._completion_body(req, False),
+                                          await self.auth_headers())
         if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
             raise BadGateway(f"{self.provider} answered without choices.")
         strip_head(answer)
@@ -247,9 +244,9 @@ class OpenAICompatBackend(ExternalBackend):
             async for chunk in super().complete_stream(req):
                 yield chunk
             return
-        resp = await self.open_stream(self.url("completions"), self._completion_body(req, True),
-                                      await self.auth_headers())
-        async for chunk in self.guard_stream(completion_chunks(resp, self.provider), resp):
+        async for chunk in self.upstream.stream(
+                self.url("completions"), self._completion_body(req, True),
+                await self.auth_headers(), lambda resp: completion_chunks(resp, self.provider)):
             yield chunk
 
     # -- embeddings ------------------------------------------------------------------------
@@ -271,7 +268,7 @@ class OpenAICompatBackend(ExternalBackend):
             if getattr(req, k) is not None:
                 body[k] = getattr(req, k)
         body.update(self.extra_params(req))
-        answer = await self.post_json(self.url("embeddings"), body, await self.auth_headers())
+        answer = await self.upstream.send(self.url("embeddings"), body, await self.auth_headers())
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list) or len(data) != len(texts):
             raise BadGateway(f"{self.provider} answered {len(data or [])} embeddings for "
@@ -292,9 +289,7 @@ class OpenAICompatBackend(ExternalBackend):
             raise self.config_error(f"{where} needs exactly one of '{field}' (a "
                                     f"{{{{secrets/scope/key}}}} reference) and "
                                     f"'{field}_plaintext'")
-        value = self.ctx.secret(str(ref or plain))
-        self._secrets.add(value)
-        return value
+        return self.secret(str(ref or plain))
 
     def base_url(self, field: str, default: str | None = None) -> str:
         url = str(self.option(field, default) or "")
@@ -317,8 +312,6 @@ class OpenAIBackend(OpenAICompatBackend):
             raise self.config_error(f"openai_api_type must be openai, azure or azuread, "
                                     f"got '{kind}'")
         self.kind = kind
-        self._token: tuple[str, float] | None = None
-        self._lock = asyncio.Lock()
         self.headers = {}
         if kind == "openai":
             self.base = self.base_url("openai_api_base", OPENAI_BASE)
@@ -346,6 +339,8 @@ class OpenAIBackend(OpenAICompatBackend):
         self.client_secret = str(self.credential("microsoft_entra_client_secret"))
         self.token_url = (f"{self.base_url('microsoft_entra_authority_host', ENTRA_HOST)}/"
                           f"{self.option('microsoft_entra_tenant_id')}/oauth2/v2.0/token")
+        self.tokens = TokenSource("Microsoft Entra ID", self._fetch_token,
+                                  on_token=self._secrets.add)
 
     def url(self, route: str) -> str:
         if self.kind == "openai":
@@ -356,35 +351,16 @@ class OpenAIBackend(OpenAICompatBackend):
     async def auth_headers(self) -> dict[str, str]:
         if self.kind != "azuread" or not self.entra:
             return self.headers
-        token = self._token
-        if token is None or token[1] <= time.monotonic():
-            async with self._lock:
-                token = self._token
-                if token is None or token[1] <= time.monotonic():
-                    token = self._token = await self._fetch_token()
-        return {"Authorization": f"Bearer {token[0]}"}
+        return {"Authorization": f"Bearer {await self.tokens.token()}"}
 
-    async def _fetch_token(self) -> tuple[str, float]:
-        """A Microsoft Entra client-credentials access token and its refresh time."""
+    async def _fetch_token(self) -> Any:
+        """A Microsoft Entra client-credentials token request: the token endpoint's answer."""
         form = {"grant_type": "client_credentials",
                 "client_id": str(self.option("microsoft_entra_client_id")),
                 "client_secret": self.client_secret, "scope": ENTRA_SCOPE}
-        try:
-            async with self.ctx.http.session().post(self.token_url, data=form) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise provider_error("Microsoft Entra ID", resp.status, raw, resp.headers)
-                data = orjson.loads(raw)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._fail(exc) from None
-        token = data.get("access_token") if isinstance(data, dict) else None
-        if not token:
-            raise BadGateway("Microsoft Entra ID answered without an access_token.")
-        self._secrets.add(token)
-        life = float(data.get("expires_in") or 3600)
-        return token, time.monotonic() + max(life - TOKEN_MARGIN_S, life / 2)
+        return await self.connect("Microsoft Entra ID").send(
+            self.token_url, data=urllib.parse.urlencode(form).encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
 
     def adapt(self, body: Body, req: ChatCompletionRequest) -> None:
         # OpenAI takes reasoning_effort, not thinking; it returns no reasoning text, so

@@ -27,7 +27,7 @@ import orjson
 from fmserve.errors import BadGateway, FmserveError
 from fmserve.protocol.chat import ChatCompletionRequest
 from fmserve.providers import common
-from fmserve.providers.base import Body, provider_error, sse_events
+from fmserve.providers.upstream import Body, provider_error, sse_events
 
 _HEAD = ("id", "model", "created", "system_fingerprint", "service_tier", "obfuscation")
 _NULL_EXTRAS = ("refusal", "function_call", "audio", "reasoning")
@@ -203,17 +203,19 @@ def _delta(st: _Stream, c: dict[str, Any]) -> bool:
 
 
 async def chat_chunks(resp: aiohttp.ClientResponse, req: ChatCompletionRequest, provider: str,
-                      usage_last: bool) -> AsyncIterator[Body]:
+                      usage_last: bool, image_tokens: int = 0) -> AsyncIterator[Body]:
     """fmserve chat chunks from an OpenAI chat stream (see the module docstring).
 
-    ``usage_last``: the provider sends usage in a final usage-only chunk.
+    ``usage_last``: the provider sends usage in a final usage-only chunk;
+    ``image_tokens``: the estimated prompt tokens of the request's images, counted when
+    the provider streams no usage.
 
     Raises:
         FmserveError: an error event, a malformed event, no ``[DONE]``, or (at the end)
             an answer that breaks ``response_format``.
     """
     st = _Stream(bool(req.response_format and req.response_format.get("type") != "text"))
-    st.prompt_estimate = req.estimated_prompt_tokens()
+    st.prompt_estimate = req.estimated_prompt_tokens() + image_tokens
     held: list[Body] = []  # finish chunks waiting for the final usage chunk
     async for chunk in _events(resp, provider):
         if chunk is None:
