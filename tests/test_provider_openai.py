@@ -59,6 +59,23 @@ def joined(chunks: list[Any]) -> str:
 
 
 # -- plain chat ------------------------------------------------------------------------------
+def test_upstream_connections_are_kept_alive(client: openai.OpenAI, fake: FakeServer,
+                                             ep: str) -> None:
+    """Sequential requests, answers and streams, reuse one upstream connection (no
+    connection per request, nothing left in TIME_WAIT)."""
+    start = len(fake.requests)
+    hi = [{"role": "user", "content": "hi"}]
+    for i in range(12):
+        if i % 3:
+            client.chat.completions.create(model=ep, messages=hi, max_tokens=5)
+        else:
+            stream_all(client, model=ep, messages=hi, max_tokens=5)
+    ports = {r.peer_port for r in fake.requests[start:]}
+    # A stream's connection goes back to the pool as its generator ends, which can be
+    # just after the client read [DONE]: the next request may open a second one.
+    assert len(fake.requests) - start == 12 and len(ports) <= 2, ports
+
+
 def test_plain_chat_request_and_answer(client: openai.OpenAI, fake: FakeServer, ep: str) -> None:
     r = client.chat.completions.create(model=ep, messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=50, temperature=0.2, seed=7)

@@ -28,6 +28,7 @@ class Recorded:
     query: dict[str, str]
     headers: dict[str, str]  # lower-case names
     body: bytes
+    peer_port: int = 0  # the client's TCP port: one per connection
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -47,7 +48,8 @@ class FakeServer:
 
     async def record(self, request: Request) -> Recorded:
         rec = Recorded(request.method, request.url.path, dict(request.query_params),
-                       {k.lower(): v for k, v in request.headers.items()}, await request.body())
+                       {k.lower(): v for k, v in request.headers.items()}, await request.body(),
+                       request.client.port if request.client else 0)
         self.requests.append(rec)
         return rec
 
