@@ -109,11 +109,7 @@ class OpenAICompatBackend(ExternalBackend):
             common.tool_choice_of(req, common.tools_of(req))
         if req.response_format:
             common.response_schema(req)
-        body = req.model_dump(exclude_unset=True)
-        extra = body.pop("extra_params", None)
-        for k in _INTERNAL:
-            body.pop(k, None)
-        body["model"] = self.model
+        body, extra = self._dump(req)
         image_tokens = await self._inline_images(req, body) if req.has_images() else 0
         if stream:
             body["stream"] = True
@@ -127,6 +123,16 @@ class OpenAICompatBackend(ExternalBackend):
         if extra:
             body.update(extra)
         return body, image_tokens
+
+    def _dump(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[Body, Any]:
+        """The fields the caller set, fmserve's own dropped, ``model`` = upstream id; and
+        the ``extra_params`` to merge last."""
+        body = req.model_dump(exclude_unset=True)
+        extra = body.pop("extra_params", None)
+        for k in _INTERNAL:
+            body.pop(k, None)
+        body["model"] = self.model
+        return body, extra
 
     async def _inline_images(self, req: ChatCompletionRequest, body: Body) -> int:
         """Every image part of ``body`` as a data URL; returns the images' tokens."""
@@ -205,11 +211,7 @@ class OpenAICompatBackend(ExternalBackend):
     # -- completions ---------------------------------------------------------------------
     def _completion_body(self, req: CompletionRequest, stream: bool) -> Body:
         self.reject_unsupported(req)
-        body = req.model_dump(exclude_unset=True)
-        extra = body.pop("extra_params", None)
-        for k in _INTERNAL:
-            body.pop(k, None)
-        body["model"] = self.model
+        body, extra = self._dump(req)
         body.pop("stream_options", None)
         if stream:
             body["stream"] = True

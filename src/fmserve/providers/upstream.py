@@ -207,15 +207,12 @@ def map_upstream_errors(provider: str, timeout_s: float,
         transport = isinstance(exc, TimeoutError | aiohttp.ClientError)
         if midstream and not transport:
             raise
-        err: FmserveError
-        if isinstance(exc, TimeoutError):  # aiohttp.ServerTimeoutError included
-            err = DeadlineExceeded(f"{provider} did not answer within {timeout_s:g} s.")
-        else:
-            err = BadGateway(scrub(f"{provider} connection failed: "
-                                   f"{type(exc).__name__}: {exc}"))
+        timeout = isinstance(exc, TimeoutError)  # aiohttp.ServerTimeoutError included
+        msg = (f"{provider} did not answer within {timeout_s:g} s." if timeout else
+               scrub(f"{provider} connection failed: {type(exc).__name__}: {exc}"))
         if midstream:
-            err.message = f"The stream from {provider} broke: {err.message}"
-        raise err from None
+            msg = f"The stream from {provider} broke: {msg}"
+        raise (DeadlineExceeded if timeout else BadGateway)(msg) from None
 
 
 class Reply(NamedTuple):
