@@ -1,4 +1,4 @@
-"""The one seam every engine and (later) external provider implements.
+"""The one seam every local engine (``engines/``) and external provider (``providers/``) implements.
 
 A backend answers in OpenAI shapes without ``id``/``model``/``created`` (the
 serving layer adds those):

@@ -43,7 +43,7 @@ Token = Annotated[str | None, typer.Option("--token", envvar="DATABRICKS_TOKEN",
 
 
 def _token_store(data_dir: Path | None, database_url: str | None):  # type: ignore[no-untyped-def]
-    from fmserve.api.app import open_database
+    from fmserve.store.db import open_database
     from fmserve.store.tokens import TokenStore
 
     cfg = ServerConfig(data_dir=data_dir or default_data_dir(), database_url=database_url)
@@ -121,7 +121,7 @@ def tokens_revoke(token_id: str, data_dir: DataDir = None, database_url: DbUrl =
 
 
 def _secret_store(data_dir: Path | None, database_url: str | None):  # type: ignore[no-untyped-def]
-    from fmserve.api.app import open_database
+    from fmserve.store.db import open_database
     from fmserve.store.secrets import SecretStore, load_key
 
     cfg = ServerConfig(data_dir=data_dir or default_data_dir(), database_url=database_url)

@@ -1,8 +1,8 @@
 """The one error hierarchy of fmserve, and its Databricks wire form.
 
 Every failure a client can see is an :class:`FmserveError`. Lower layers
-(pydantic validation, the engine workers, the store, later the external
-providers) translate their own exceptions into one of these where they arise;
+(pydantic validation, the engine workers, the store, the external providers)
+translate their own exceptions into one of these where they arise;
 ``api/`` maps them to the HTTP body in exactly one handler::
 
     FmserveError                      500 INTERNAL_ERROR

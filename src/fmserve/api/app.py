@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from fmserve.serving.endpoints import (
 from fmserve.serving.manager import EndpointManager
 from fmserve.serving.metrics import ServingMetrics
 from fmserve.serving.query import QueryService
-from fmserve.store.db import Database, sqlite_url
+from fmserve.store.db import Database, open_database
 from fmserve.store.endpoints import EndpointStore
 from fmserve.store.secrets import SecretStore, load_key
 from fmserve.store.tokens import TokenStore
@@ -48,33 +47,10 @@ class AppState:
     http: HttpClient
 
 
-def open_database(cfg: ServerConfig) -> Database:
-    """The configured database, migrated to the current schema."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(cfg.database_url or sqlite_url(cfg.data_dir))
-    db.migrate()
-    return db
-
-
-def cached_resolver(secrets: SecretStore, ttl_s: float = 5.0) -> Callable[[str], str]:
-    """``SecretStore.resolve`` with a short cache: a rotated secret is used within ``ttl_s``."""
-    cache: dict[str, tuple[float, str]] = {}
-
-    def resolve(value: str) -> str:
-        now = time.monotonic()
-        hit = cache.get(value)
-        if hit is not None and now - hit[0] < ttl_s:
-            return hit[1]
-        out = secrets.resolve(value)
-        cache[value] = (now, out)
-        return out
-    return resolve
-
-
 def create_app(cfg: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = open_database(cfg)
+        db = await asyncio.to_thread(open_database, cfg)  # store calls: never on the loop
         tokens = TokenStore(db)
         registry = EndpointRegistry()
         if cfg.bundled:
@@ -83,13 +59,16 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         workers = registry.workers()
         secrets = SecretStore(db, load_key(cfg.data_dir))
         http = HttpClient(cfg.external_timeout_s)
-        providers = ProviderContext(http=http, secret=cached_resolver(secrets),
+        # Secret references resolve from the store's in-memory copy (never the database
+        # on the event loop); the manager's sync refreshes it.
+        providers = ProviderContext(http=http, secret=secrets.resolve,
                                     allow_private_image_urls=cfg.allow_private_image_urls)
         manager = EndpointManager(cfg, EndpointStore(db), registry, secrets, providers)
         app.state.fm = AppState(
             config=cfg, db=db, tokens=tokens, auth=Authenticator(tokens), registry=registry,
             manager=manager, query=QueryService(registry),
-            metrics=ServingMetrics(registry.workers), workspace_id=db.workspace_id(),
+            metrics=ServingMetrics(registry.workers),
+            workspace_id=await asyncio.to_thread(db.workspace_id),
             secrets=secrets, http=http)
         await manager.sync()  # user endpoints come back, loading in the background
         await asyncio.gather(*(w.start() for w in workers))

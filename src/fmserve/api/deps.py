@@ -1,4 +1,4 @@
-"""Request helpers shared by the routes: authentication, bounded JSON bodies."""
+"""Request helpers shared by the routes: authentication, bounded JSON bodies, JSON answers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 from fastapi import Request
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from fmserve.errors import BadRequest, PayloadTooLarge
@@ -25,6 +26,11 @@ async def principal(request: Request) -> Principal:
     auth = request.app.state.fm.auth
     header = request.headers.get("authorization")
     return auth.cached(header) or await run_in_threadpool(auth.authenticate, header)
+
+
+def json_response(body: object, status: int = 200) -> Response:
+    """``body`` as an ``application/json`` response (orjson)."""
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 async def read_json(request: Request) -> dict[str, Any]:

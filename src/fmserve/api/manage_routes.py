@@ -13,15 +13,11 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from fmserve.api.deps import principal, read_json
+from fmserve.api.deps import json_response, principal, read_json
 from fmserve.gateway.auth import Principal
 from fmserve.serving import catalog, observe
 
 router = APIRouter(prefix="/api/2.0/serving-endpoints", dependencies=[Depends(principal)])
-
-
-def _json(body: object) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _fm(request: Request) -> Any:
@@ -31,64 +27,68 @@ def _fm(request: Request) -> Any:
 @router.get("")
 @router.get("/")
 async def list_endpoints(request: Request) -> Response:
-    return _json({"endpoints": [ep.as_dict() for ep in _fm(request).registry.all()]})
+    return json_response({"endpoints": [ep.as_dict() for ep in _fm(request).registry.all()]})
 
 
 @router.post("")
 @router.post("/")
 async def create_endpoint(request: Request,
                           who: Annotated[Principal, Depends(principal)]) -> Response:
-    return _json(await _fm(request).manager.create(await read_json(request), who.user))
+    return json_response(await _fm(request).manager.create(await read_json(request),
+                                                           who.user))
 
 
 @router.get("/get-model-optimization-info/{model}/{version}")
 async def optimization_info(model: str, version: str) -> Response:
     """Provisioned-throughput eligibility and step size (tokens/s) of a model (spec §2.4)."""
-    return _json(catalog.optimization_info(model))
+    return json_response(catalog.optimization_info(model))
 
 
 @router.get("/{name}")
 async def get_endpoint(request: Request, name: str) -> Response:
-    return _json(_fm(request).registry.get(name).as_dict())
+    return json_response(_fm(request).registry.get(name).as_dict())
 
 
 @router.delete("/{name}")
 async def delete_endpoint(request: Request, name: str) -> Response:
     await _fm(request).manager.delete(name)
-    return _json({})
+    return json_response({})
 
 
 @router.put("/{name}/config")
 async def update_config(request: Request, name: str) -> Response:
-    return _json(await _fm(request).manager.update_config(name, await read_json(request)))
+    body = await read_json(request)
+    return json_response(await _fm(request).manager.update_config(name, body))
 
 
 @router.patch("/{name}/tags")
 async def patch_tags(request: Request, name: str) -> Response:
-    return _json({"tags": _fm(request).manager.patch_tags(name, await read_json(request))})
+    body = await read_json(request)
+    return json_response({"tags": await _fm(request).manager.patch_tags(name, body)})
 
 
 @router.put("/{name}/ai-gateway")
 async def put_ai_gateway(request: Request, name: str) -> Response:
-    return _json(_fm(request).manager.put_ai_gateway(name, await read_json(request)))
+    body = await read_json(request)
+    return json_response(await _fm(request).manager.put_ai_gateway(name, body))
 
 
 @router.put("/{name}/rate-limits")
 async def put_rate_limits(request: Request, name: str) -> Response:
-    return _json({"rate_limits": _fm(request).manager.put_rate_limits(
-        name, await read_json(request))})
+    body = await read_json(request)
+    return json_response({"rate_limits": await _fm(request).manager.put_rate_limits(name, body)})
 
 
 @router.get("/{name}/served-models/{entity}/logs")
 async def logs(request: Request, name: str, entity: str) -> Response:
     ep = _fm(request).registry.get(name)
-    return _json({"logs": observe.log_tail(observe.entity_worker(ep, entity))})
+    return json_response({"logs": observe.log_tail(observe.entity_worker(ep, entity))})
 
 
 @router.get("/{name}/served-models/{entity}/build-logs")
 async def build_logs(request: Request, name: str, entity: str) -> Response:
     ep = _fm(request).registry.get(name)
-    return _json({"logs": observe.log_head(observe.entity_worker(ep, entity))})
+    return json_response({"logs": observe.log_head(observe.entity_worker(ep, entity))})
 
 
 @router.get("/{name}/metrics")

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from fmserve.api.deps import json_response
+
 router = APIRouter()
-
-
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 @router.get("/.well-known/databricks-config")
 async def databricks_config(request: Request) -> Response:
     """Host metadata read by every databricks-sdk ``Config()`` (SDK ≥ 0.99)."""
     base = str(request.base_url).rstrip("/")
-    return _json({"oidc_endpoint": f"{base}/oidc",
-                  "workspace_id": request.app.state.fm.workspace_id})
+    return json_response({"oidc_endpoint": f"{base}/oidc",
+                          "workspace_id": request.app.state.fm.workspace_id})
 
 
 @router.get("/health")
@@ -31,8 +28,8 @@ async def health(request: Request) -> Response:
                 "replicas": len(w.replicas), "outstanding": w.outstanding,
                 "restarts": w.restarts} for w in fm.registry.workers()]
     ok = all(v == "READY" for v in eps.values())
-    return _json({"status": "ok" if ok else "degraded", "endpoints": eps, "workers": workers},
-                 200 if ok else 503)
+    return json_response({"status": "ok" if ok else "degraded", "endpoints": eps,
+                          "workers": workers}, 200 if ok else 503)
 
 
 @router.get("/metrics")

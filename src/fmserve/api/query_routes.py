@@ -106,57 +106,62 @@ async def _answer(request: Request, kind: str, run: Callable[[dict[str, Any]],
     return StreamingResponse(_sse(out, on_end), media_type="text/event-stream", headers=headers)
 
 
-@router.post("/serving-endpoints/{name}/invocations")
-async def invocations(request: Request, name: str) -> Response:
-    return await _answer(request, "invocations",
-                         lambda body: request.app.state.fm.query.invocations(name, body))
-
-
-@router.post("/serving-endpoints/{name}/served-models/{entity}/invocations")
-async def entity_invocations(request: Request, name: str, entity: str) -> Response:
-    return await _answer(request, "invocations",
-                         lambda body: request.app.state.fm.query.invocations(name, body, entity))
-
-
-def _openai(path: str, kind: str) -> None:
-    async def handler(request: Request) -> Response:
-        query = request.app.state.fm.query
-        return await _answer(request, kind, getattr(query, kind))
-
-    for prefix in ("/serving-endpoints", "/v1"):
-        router.add_api_route(f"{prefix}/{path}", handler, methods=["POST"],
-                             name=f"{kind}{prefix.replace('/', '_')}")
-
-
-_openai("chat/completions", "chat")
-_openai("completions", "completions")
-_openai("embeddings", "embeddings")
-
-
-_KINDS = {f"{prefix}/{path}": kind for prefix in ("/serving-endpoints", "/v1")
-          for path, kind in (("chat/completions", "chat"), ("completions", "completions"),
-                             ("embeddings", "embeddings"))}
-
+# Every query route, once: (path, kind). ``{name}`` / ``{entity}`` are path parameters
+# (one non-empty segment each). FastAPI and :class:`FastQueryPath` both serve this table.
+QUERY_ROUTES: tuple[tuple[str, str], ...] = (
+    ("/serving-endpoints/{name}/invocations", "invocations"),
+    ("/serving-endpoints/{name}/served-models/{entity}/invocations", "invocations"),
+    *((f"{prefix}/{path}", kind) for prefix in ("/serving-endpoints", "/v1")
+      for path, kind in (("chat/completions", "chat"), ("completions", "completions"),
+                         ("embeddings", "embeddings"))),
+)
 
 _Handler = Callable[[Request], Awaitable[Response]]
 
 
+def _handler(kind: str) -> _Handler:
+    """The route handler of one kind; the served entity (``{entity}``) when the path names
+    one, else the traffic config picks it."""
+    async def handler(request: Request) -> Response:
+        query, params = request.app.state.fm.query, request.path_params
+        if kind == "invocations":
+            return await _answer(request, kind, lambda body: query.invocations(
+                params["name"], body, params.get("entity")))
+        return await _answer(request, kind, getattr(query, kind))
+    return handler
+
+
+_HANDLERS = {kind: _handler(kind) for kind in {k for _, k in QUERY_ROUTES}}
+for _path, _kind in QUERY_ROUTES:
+    router.add_api_route(_path, _HANDLERS[_kind], methods=["POST"],
+                         name=_kind, openapi_extra={"parameters": [
+                             {"name": part[1:-1], "in": "path", "required": True,
+                              "schema": {"type": "string"}}
+                             for part in _path.split("/") if part.startswith("{")]})
+
+_STATIC = {path: _HANDLERS[kind] for path, kind in QUERY_ROUTES if "{" not in path}
+_TEMPLATES = [(path.split("/"), _HANDLERS[kind]) for path, kind in QUERY_ROUTES if "{" in path]
+
+
 def _fast_route(path: str) -> tuple[_Handler, dict[str, str]] | None:
     """The handler of a query route and its path parameters (as the router would), or None."""
-    kind = _KINDS.get(path)
-    if kind is not None:
-        return (lambda request: _answer(request, kind,
-                                        getattr(request.app.state.fm.query, kind))), {}
+    handler = _STATIC.get(path)
+    if handler is not None:
+        return handler, {}
     parts = path.split("/")
-    if len(parts) == 4 and parts[1] == "serving-endpoints" and parts[2] \
-            and parts[3] == "invocations":
-        name = parts[2]
-        return (lambda request: invocations(request, name)), {"name": name}
-    if len(parts) == 6 and parts[1] == "serving-endpoints" and parts[2] \
-            and parts[3] == "served-models" and parts[4] and parts[5] == "invocations":
-        name, entity = parts[2], parts[4]
-        return ((lambda request: entity_invocations(request, name, entity)),
-                {"name": name, "entity": entity})
+    for template, handler in _TEMPLATES:
+        if len(parts) != len(template):
+            continue
+        params: dict[str, str] = {}
+        for want, got in zip(template, parts, strict=True):
+            if want.startswith("{"):
+                if not got:
+                    break
+                params[want[1:-1]] = got
+            elif want != got:
+                break
+        else:
+            return handler, params
     return None
 
 

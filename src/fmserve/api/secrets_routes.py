@@ -11,6 +11,7 @@ Under ``/api/2.0/secrets``:
 - ``GET list?scope=`` → ``{"secrets": [{"key", "last_updated_timestamp" (ms)}]}``
 - ``GET get`` → always 403 ``PERMISSION_DENIED``
 
+Every store call runs in a worker thread (the store is blocking database I/O).
 No answer ever contains a secret value: values are only resolved inside the server
 (``{{secrets/scope/key}}`` references in external-model configs). Only the
 ``DATABRICKS`` backend exists; ACLs are not implemented (every authenticated token
@@ -23,25 +24,21 @@ value over 128 KB), 404 ``RESOURCE_DOES_NOT_EXIST`` (scope or key), 409
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from fmserve.api.deps import principal, read_json
+from fmserve.api.deps import json_response, principal, read_json
 from fmserve.errors import InvalidParameterValue, PermissionDenied
 from fmserve.store.secrets import SecretStore
 
 router = APIRouter(prefix="/api/2.0/secrets", dependencies=[Depends(principal)])
 
 BACKEND = "DATABRICKS"
-
-
-def _json(body: object) -> Response:
-    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _store(request: Request) -> SecretStore:
@@ -75,20 +72,21 @@ async def create_scope(request: Request) -> Response:
     principal_ = body.get("initial_manage_principal")
     if principal_ is not None and not isinstance(principal_, str):
         raise InvalidParameterValue("'initial_manage_principal' must be a string.")
-    _store(request).create_scope(scope)
-    return _json({})
+    await asyncio.to_thread(_store(request).create_scope, scope)
+    return json_response({})
 
 
 @router.post("/scopes/delete")
 async def delete_scope(request: Request) -> Response:
-    _store(request).delete_scope(_field(await read_json(request), "scope"))
-    return _json({})
+    scope = _field(await read_json(request), "scope")
+    await asyncio.to_thread(_store(request).delete_scope, scope)
+    return json_response({})
 
 
 @router.get("/scopes/list")
 async def list_scopes(request: Request) -> Response:
-    return _json({"scopes": [{"name": s, "backend_type": BACKEND}
-                             for s in _store(request).list_scopes()]})
+    scopes = await asyncio.to_thread(_store(request).list_scopes)
+    return json_response({"scopes": [{"name": s, "backend_type": BACKEND} for s in scopes]})
 
 
 @router.post("/put")
@@ -111,22 +109,23 @@ async def put_secret(request: Request) -> Response:
             value = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidParameterValue("'bytes_value' is not valid base64.") from None
-    _store(request).put(scope, key, value)
-    return _json({})
+    await asyncio.to_thread(_store(request).put, scope, key, value)
+    return json_response({})
 
 
 @router.post("/delete")
 async def delete_secret(request: Request) -> Response:
     body = await read_json(request)
-    _store(request).delete(_field(body, "scope"), _field(body, "key"))
-    return _json({})
+    scope, key = _field(body, "scope"), _field(body, "key")
+    await asyncio.to_thread(_store(request).delete, scope, key)
+    return json_response({})
 
 
 @router.get("/list")
 async def list_secrets(request: Request) -> Response:
-    items = _store(request).list(_query(request, "scope"))
-    return _json({"secrets": [{"key": m.key, "last_updated_timestamp": m.last_updated_timestamp}
-                              for m in items]})
+    items = await asyncio.to_thread(_store(request).list, _query(request, "scope"))
+    return json_response({"secrets": [
+        {"key": m.key, "last_updated_timestamp": m.last_updated_timestamp} for m in items]})
 
 
 @router.get("/get")

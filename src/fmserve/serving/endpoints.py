@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +44,8 @@ from fmserve.serving.catalog import (  # noqa: F401 - re-exported task names
     replicas_for,
     resolve,
 )
+from fmserve.store.db import now_ms
 from fmserve.store.secrets import redact_plaintext
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass
@@ -89,15 +85,21 @@ class ServedEntity:
 
 
 def build_entity(endpoint: str, inp: ServedEntityInput, source: ModelSource,
-                 cfg: ServerConfig) -> ServedEntity:
+                 cfg: ServerConfig, *, bundled: bool = False) -> ServedEntity:
     """A served entity with its (not yet started) worker replicas.
+
+    The worker is named ``<endpoint>/<entity>`` and logs to
+    ``<data dir>/logs/<endpoint>/<entity>.log``; a ``bundled`` (pay-per-token) entity's
+    worker is named after its endpoint (``logs/<endpoint>.log``) and the entity shows no
+    served-entity input (nothing user-supplied to echo).
 
     Raises:
         InvalidParameterValue: 400 for provisioned-throughput or workload settings
             the model cannot take.
     """
     name = inp.served_name()
-    log_path = Path(cfg.data_dir) / "logs" / endpoint / f"{name}.log"
+    worker_name = endpoint if bundled else f"{endpoint}/{name}"
+    log_path = Path(cfg.data_dir) / "logs" / f"{worker_name}.log"
     lo, hi = replicas_for(inp.min_provisioned_throughput, inp.max_provisioned_throughput,
                           inp.workload_size, source, inp.entity_name or name)
     cores = os.cpu_count() or 1
@@ -111,14 +113,15 @@ def build_entity(endpoint: str, inp: ServedEntityInput, source: ModelSource,
     else:
         spec = {"engine": "sentence_transformers", "model_path": source.path,
                 "n_threads": cfg.embed_threads or max(1, cores // hi)}
-    worker = WorkerPool(f"{endpoint}/{name}", spec, log_path, min_replicas=lo, max_replicas=hi,
+    worker = WorkerPool(worker_name, spec, log_path, min_replicas=lo, max_replicas=hi,
                         max_queue=cfg.max_queue, scale_to_zero=bool(inp.scale_to_zero_enabled),
                         idle_timeout_s=cfg.scale_to_zero_idle_s)
     backend: Backend = (LlamaBackend(name, worker) if source.engine == "llama_cpp"
                         else EmbeddingBackend(name, worker))
     return ServedEntity(name=name, entity_name=inp.entity_name or name,
                         entity_version=inp.entity_version, backend=backend,
-                        foundation_model=source.foundation_model, worker=worker, input=inp)
+                        foundation_model=source.foundation_model, worker=worker,
+                        input=None if bundled else inp)
 
 
 def build_external_entity(inp: ServedEntityInput, ctx: ProviderContext) -> ServedEntity:
@@ -276,11 +279,7 @@ def bundled_endpoints(cfg: ServerConfig) -> list[ServingEndpoint]:
          "all-MiniLM-L6-v2 sentence embeddings (sentence-transformers), 384 dimensions."),
     ):
         inp = ServedEntityInput(name=ep_name, entity_name=model, entity_version="1")
-        entity = build_entity(ep_name, inp, resolve(model), cfg)
-        entity.input = None  # nothing user-supplied to echo
-        if entity.worker:
-            entity.worker.name = ep_name
-            entity.worker.log_path = Path(cfg.data_dir) / "logs" / f"{ep_name}.log"
+        entity = build_entity(ep_name, inp, resolve(model), cfg, bundled=True)
         out.append(ServingEndpoint(name=ep_name, task=task, entities=[entity],
                                    routes=[(ep_name, 100)], description=desc))
     return out

@@ -10,7 +10,13 @@ the current config keeps serving.
 
 Several server processes may share one database: :meth:`EndpointManager.sync`
 (run at start and every ``sync_interval_s``) deploys endpoints that other
-processes created or changed and removes the ones they deleted.
+processes created or changed and removes the ones they deleted, and refreshes the
+in-memory copy of the secrets that credential references resolve from.
+
+Every store call runs in a worker thread (``asyncio.to_thread``), never on the event
+loop; the manager's lock keeps the store and the live registry in step: creates,
+updates, deletes, tag/gateway/rate-limit changes and syncs run one at a time, as
+they did when each store call blocked the loop.
 """
 
 from __future__ import annotations
@@ -107,10 +113,12 @@ class EndpointManager:
         existing = self.registry.find(req.name)
         if existing is not None:
             raise ResourceAlreadyExists(f"Endpoint with name '{req.name}' already exists.")
+        await self._fresh_secrets(_config_dict(req.config))
         task, entities, routes = _plan(self.cfg, req.name, req.config, self.providers)
         async with self._lock:
-            rec = self.store.create(
-                name=req.name, creator=creator, task=task, config=_config_dict(req.config),
+            rec = await asyncio.to_thread(
+                self.store.create, name=req.name, creator=creator, task=task,
+                config=_config_dict(req.config),
                 description=req.description or "",
                 tags=[t.model_dump(exclude_none=True) for t in req.tags or []],
                 ai_gateway=req.ai_gateway.model_dump(exclude_none=True) if req.ai_gateway
@@ -137,6 +145,7 @@ class EndpointManager:
             raise InvalidParameterValue(
                 f"Endpoint '{name}': an update cannot add external models to an endpoint "
                 f"that serves local models, or remove them from one that serves them.")
+        await self._fresh_secrets(_config_dict(config))
         task, entities, routes = _plan(self.cfg, name, config, self.providers)
         if task != ep.task:
             raise InvalidParameterValue(
@@ -148,47 +157,63 @@ class EndpointManager:
                 raise InvalidParameterValue(
                     f"Endpoint '{name}' is already being updated (config version "
                     f"{ep.pending.version}); wait for it to finish.", error_code="INVALID_STATE")
-            rec = self.store.update(name, config=_config_dict(config))
+            rec = await asyncio.to_thread(self.store.update, name, config=_config_dict(config))
             ep.updated_ms = rec.last_updated_timestamp
             self._rollout(ep, PendingConfig(rec.config_version, entities, routes))
         return ep.as_dict()
 
     async def delete(self, name: str) -> None:
+        """``DELETE …/{name}``. Raises ResourceDoesNotExist (404), InvalidParameterValue
+        (400) for a built-in endpoint."""
         ep = self._user_endpoint(name)
         async with self._lock:
-            self.store.delete(name)
+            await asyncio.to_thread(self.store.delete, name)
             self.registry.remove(name)
         await self._teardown(ep)
 
-    def patch_tags(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    async def patch_tags(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """``PATCH …/{name}/tags``: the endpoint's tags after the change."""
         ep = self._user_endpoint(name)
         req = parse_model(PatchTags, body)
-        tags = {t["key"]: t for t in ep.tags}
-        for key in req.delete_tags or []:
-            tags.pop(key, None)
-        for tag in req.add_tags or []:
-            tags[tag.key] = tag.model_dump(exclude_none=True)
-        self._save(ep, tags=list(tags.values()))
+        async with self._lock:  # read-modify-write: concurrent patches all land
+            tags = {t["key"]: t for t in ep.tags}
+            for key in req.delete_tags or []:
+                tags.pop(key, None)
+            for tag in req.add_tags or []:
+                tags[tag.key] = tag.model_dump(exclude_none=True)
+            await self._save(ep, tags=list(tags.values()))
         return ep.tags
 
-    def put_ai_gateway(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def put_ai_gateway(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``PUT …/{name}/ai-gateway``: the stored AI Gateway config."""
         ep = self._user_endpoint(name)
         gw = parse_model(AiGatewayInput, body).model_dump(exclude_none=True)
-        self._save(ep, ai_gateway=gw)
+        async with self._lock:
+            await self._save(ep, ai_gateway=gw)
         return gw
 
-    def put_rate_limits(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    async def put_rate_limits(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """``PUT …/{name}/rate-limits``: the stored rate limits."""
         ep = self._user_endpoint(name)
         limits = [r.model_dump(exclude_none=True)
                   for r in parse_model(PutRateLimits, body).rate_limits]
-        self._save(ep, rate_limits=limits)
+        async with self._lock:
+            await self._save(ep, rate_limits=limits)
         return limits
 
-    def _save(self, ep: ServingEndpoint, **fields: Any) -> None:
-        """Stores changed endpoint fields (tags, ai_gateway, rate_limits) and applies them."""
-        ep.updated_ms = self.store.update(ep.name, **fields).last_updated_timestamp
+    async def _save(self, ep: ServingEndpoint, **fields: Any) -> None:
+        """Stores changed endpoint fields (tags, ai_gateway, rate_limits) and applies them
+        (call holding ``_lock``)."""
+        rec = await asyncio.to_thread(self.store.update, ep.name, **fields)
+        ep.updated_ms = rec.last_updated_timestamp
         for key, value in fields.items():
             setattr(ep, key, value)
+
+    async def _fresh_secrets(self, config: dict[str, Any]) -> None:
+        """Before an external-model config is planned: reload the secrets its references
+        resolve from (one written a moment ago by the CLI or another process counts)."""
+        if _has_external(config):
+            await asyncio.to_thread(self.secrets.refresh)
 
     def _user_endpoint(self, name: str) -> ServingEndpoint:
         ep = self.registry.get(name)
@@ -249,9 +274,10 @@ class EndpointManager:
 
     # -- keeping in step with the store ---------------------------------------------
     async def sync(self) -> None:
-        """Deploy stored endpoints not live here; drop live ones no longer stored."""
+        """Deploy stored endpoints not live here; drop live ones no longer stored; reload
+        the secrets (store reads in a thread)."""
         async with self._lock:
-            records = {r.name: r for r in self.store.all()}
+            records = {r.name: r for r in await asyncio.to_thread(self._load)}
             for name, rec in records.items():
                 ep = self.registry.find(name)
                 if ep is None:
@@ -278,6 +304,11 @@ class EndpointManager:
                 self.registry.remove(ep.name)
         for ep in gone:
             await self._teardown(ep)
+
+    def _load(self) -> list[EndpointRecord]:
+        """Blocking: the stored endpoints, after the secrets copy is reloaded."""
+        self.secrets.refresh()
+        return self.store.all()
 
     async def run_sync_loop(self, interval_s: float) -> None:
         while True:

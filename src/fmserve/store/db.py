@@ -1,8 +1,15 @@
-"""Engine creation and schema migration (Alembic, run programmatically)."""
+"""Engine creation and schema migration (Alembic, run programmatically).
+
+Every call here and in the typed stores (``store/*.py``) is blocking I/O. The server
+runs them in a worker thread (``asyncio.to_thread``), never on the event loop: the
+engine's connection pool is thread-safe, and SQLite connections are opened with
+``check_same_thread=False`` so a pooled connection may serve any thread.
+"""
 
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 
 from alembic import command
@@ -10,9 +17,16 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from fmserve.config import ServerConfig
 from fmserve.store.models import Setting
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def now_ms() -> int:
+    """The time in milliseconds since the Unix epoch: the unit of every stored timestamp
+    and of every ``*_timestamp`` field fmserve answers."""
+    return int(time.time() * 1000)
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -58,6 +72,15 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def open_database(cfg: ServerConfig) -> Database:
+    """The configured database (``cfg.database_url``, else SQLite in ``cfg.data_dir``),
+    migrated to the current schema. Blocking."""
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(cfg.database_url or sqlite_url(cfg.data_dir))
+    db.migrate()
+    return db
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]

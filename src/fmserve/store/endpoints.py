@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from fmserve.errors import ResourceAlreadyExists, ResourceDoesNotExist
-from fmserve.store.db import Database
+from fmserve.store.db import Database, now_ms
 from fmserve.store.models import Endpoint
 
 
@@ -36,10 +35,6 @@ def _record(row: Endpoint) -> EndpointRecord:
                           row.last_updated_timestamp, row.description, row.task,
                           row.config_version, row.config, list(row.tags or []), row.ai_gateway,
                           row.rate_limits)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class EndpointStore:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from fmserve.store.db import Database
+from fmserve.store.db import Database, now_ms
 from fmserve.store.models import Token
 
 
@@ -41,7 +40,7 @@ class TokenStore:
                lifetime_s: int | None = None) -> tuple[str, TokenInfo]:
         """Create a token. Returns ``(plaintext, info)``; the plaintext is not stored."""
         token = "dapi" + secrets.token_hex(16)
-        now = int(time.time() * 1000)
+        now = now_ms()
         row = Token(token_id=secrets.token_hex(8), token_hash=hash_token(token), comment=comment,
                     owner=owner, is_admin=is_admin, creation_time=now,
                     expiry_time=now + lifetime_s * 1000 if lifetime_s else -1, revoked=False)
@@ -55,7 +54,7 @@ class TokenStore:
             row = s.scalar(select(Token).where(Token.token_hash == hash_token(token)))
         if row is None or row.revoked:
             return None
-        if row.expiry_time != -1 and row.expiry_time < time.time() * 1000:
+        if row.expiry_time != -1 and row.expiry_time < now_ms():
             return None
         return _info(row)
 
