@@ -24,7 +24,9 @@ line with ``id``, ``subset`` and ``schema``. What it measures, in one run:
    ``stop`` / ``tool_calls`` and validates with ``jsonschema`` under the schema's own
    draft), **length** (cut by
    ``max_tokens``, counted apart; ``length+json`` says how many of those are still a
-   valid document), **refused** (400, reason kept), **reported** (502: finished but
+   valid document; ``valid, steered`` counts valid answers that used at least
+   ``max_tokens`` − :data:`STEER_ZONE` tokens, closed by budget steering),
+   **refused** (400, reason kept), **reported** (502: finished but
    broke a keyword the grammar does not enforce, after retries), **non-conforming**
    (a 200 answer that does not validate: must be 0) and **5xx** (anything else,
    e.g. 503 from a dead worker: must be 0; a 503 with ``Retry-After`` — the KV cache
@@ -125,7 +127,12 @@ def _body(row: dict[str, Any], form: str, max_tokens: int) -> dict[str, Any]:
     return body
 
 
-def classify(row: dict[str, Any], form: str, r: httpx.Response) -> tuple[str, str]:
+# A valid answer that used this close to max_tokens was closed by budget steering.
+STEER_ZONE = 32
+
+
+def classify(row: dict[str, Any], form: str, r: httpx.Response,
+             max_tokens: int) -> tuple[str, str]:
     """(outcome, detail) of one answer (see module doc)."""
     if r.status_code == 400:
         return "refused", r.json().get("message", "")[:120]
@@ -147,7 +154,8 @@ def classify(row: dict[str, Any], form: str, r: httpx.Response) -> tuple[str, st
         return "length", "" if why else "json"
     if why:
         return "non-conforming", f"{finish}: {why}"[:120]
-    return "valid", ""
+    used = (r.json().get("usage") or {}).get("completion_tokens", 0)
+    return "valid", "steered" if used >= max_tokens - STEER_ZONE else ""
 
 
 async def bench_e2e(srv: LocalServer, rows: list[dict[str, Any]], forms: list[str],
@@ -161,7 +169,7 @@ async def bench_e2e(srv: LocalServer, rows: list[dict[str, Any]], forms: list[st
             r = await api.send("POST", f"/serving-endpoints/{CHAT}/invocations",
                                json=_body(row, form, max_tokens))
             took = time.perf_counter() - t0
-            outcome, detail = classify(row, form, r)
+            outcome, detail = classify(row, form, r, max_tokens)
             results.append((row["subset"], row["id"], form, outcome, detail))
             progress.advance(task)
             if took > 30:
@@ -236,19 +244,20 @@ def report(comp: dict[str, Any], results: list[tuple[str, str, str, str, str]],
     for form in sorted({r[2] for r in results}):
         rows = [r for r in results if r[2] == form]
         print(f"\n## End to end, {form} (temperature 0)\n")
-        print("| subset | n | " + " | ".join(OUTCOMES) + " | length+json |")
-        print("|---|---|" + "---|" * (len(OUTCOMES) + 1))
+        print("| subset | n | " + " | ".join(OUTCOMES) + " | length+json | valid, steered |")
+        print("|---|---|" + "---|" * (len(OUTCOMES) + 2))
         by: dict[str, list[tuple[str, ...]]] = defaultdict(list)
         for r in rows:
             by[r[0]].append(r)
         for subset, rs in [*by.items(), ("**all**", rows)]:
             c = Counter(r[3] for r in rs)
             lj = sum(1 for r in rs if r[3] == "length" and r[4] == "json")
+            st = sum(1 for r in rs if r[3] == "valid" and r[4] == "steered")
             print(f"| {subset} | {len(rs)} | " + " | ".join(pct(c[o], len(rs)) for o in OUTCOMES)
-                  + f" | {lj} |")
+                  + f" | {lj} | {st} |")
         if failures:
             for r in rows:
-                if r[3] != "valid":
+                if r[3] != "valid" or r[4]:
                     print(f"  {r[3]:<15} {r[1]:<60} {r[4]}")
     finished = [r for r in results if r[3] in ("valid", "non-conforming")]
     valid = sum(r[3] == "valid" for r in finished)
@@ -270,6 +279,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--forms", default="response_format,tools")
     ap.add_argument("--failures", action="store_true")
+    ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed section")
     args = ap.parse_args()
     if not args.corpus.exists():
         print(f"corpus not found: {args.corpus}", file=sys.stderr)
@@ -288,7 +298,7 @@ def main() -> int:
                                             args.max_tokens, args.concurrency))
             print(f"end to end: {len(results)} requests in {time.perf_counter() - t0:.0f} s")
             after = pid()
-            speed = bench_speed(srv, comp["largest"])
+            speed = {} if args.no_speed else bench_speed(srv, comp["largest"])
         finally:
             stop_server(srv)
     report(comp, results, speed, (before, after), args.failures)
