@@ -65,7 +65,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import orjson
 from rich import box
 from rich.table import Table
@@ -122,7 +121,7 @@ def chat_endpoint(srv: LocalServer, gguf: str, weights_type: str,
     if Path(gguf) == bundled.smollm2_gguf() and weights_type == bundled_weights():
         return f"/serving-endpoints/{CHAT}/invocations"
     name = "bench-gguf"
-    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=60) as c:
+    with srv.client(timeout=60) as c:
         r = c.post("/api/2.0/serving-endpoints", json={
             "name": name, "config": {"served_entities": [{
                 "entity_name": gguf,
@@ -253,7 +252,7 @@ def bench_grammar(srv: LocalServer, max_tokens: int, reps: int,
               "json_schema": chat_body(JSON_PROMPT, max_tokens, temperature=0.7,
                                        response_format=RESPONSE_FORMAT)}
     out: dict[str, list[Stream]] = {k: [] for k in bodies}
-    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=300) as client:
+    with srv.client(timeout=300) as client:
         for body in bodies.values():
             served_stream(client, body, path)  # warm-up
         for i in range(reps):  # interleaved, so drifting load hits both alike

@@ -389,7 +389,7 @@ async def served_stream_async(client: httpx.AsyncClient, body: dict[str, Any],
 
 
 def bench_served_llm(res: Results, srv: Server, max_tokens: int, reps: int) -> None:
-    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=300) as client:
+    with srv.client(timeout=300) as client:
         served_stream(client, chat_body(PROMPT, max_tokens))  # warm-up (+ keep-alive conn)
         for i in range(reps):
             res.served.append(served_stream(client, chat_body(PROMPT, max_tokens)))
@@ -401,9 +401,7 @@ def bench_served_llm(res: Results, srv: Server, max_tokens: int, reps: int) -> N
 async def _concurrent_round(srv: Server, conc: int, max_tokens: int, round_no: int,
                             temperature: float = 0.0,
                             **stream_kw: Any) -> tuple[float, list[float], int]:
-    limits = httpx.Limits(max_connections=conc + 2, max_keepalive_connections=conc + 2)
-    async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=600,
-                                 limits=limits) as client:
+    async with srv.async_client(timeout=600, connections=conc + 2) as client:
         bodies = [chat_body(f"Write a long story about "
                             f"{TOPICS[(round_no * conc + i) % len(TOPICS)]} (#{round_no}.{i}).",
                             max_tokens, temperature) for i in range(conc)]
@@ -444,7 +442,7 @@ def bench_served_embed(res: Results, srv: Server, texts: list[str], reps: int,
         data = orjson.loads(r.content)["data"]
         assert len(data) == n and len(data[0]["embedding"]) == 384
 
-    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=300) as client:
+    with srv.client(timeout=300) as client:
         check(client.post(url, json={"input": texts[:64]}), 64)  # warm-up
         for i in range(reps):
             t0 = time.perf_counter()
@@ -456,10 +454,8 @@ def bench_served_embed(res: Results, srv: Server, texts: list[str], reps: int,
                         f"{res.emb_batched[-1]:.0f} texts/s")
 
     async def singles() -> tuple[float, float]:
-        limits = httpx.Limits(max_connections=single_clients + 2)
         lat: list[float] = []
-        async with httpx.AsyncClient(base_url=srv.url, headers=srv.headers, timeout=300,
-                                     limits=limits) as client:
+        async with srv.async_client(timeout=300, connections=single_clients + 2) as client:
             todo = iter(texts)
 
             async def worker() -> None:

@@ -36,6 +36,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_core import TOPICS, Stream, chat_body, start_server, stop_server  # noqa: E402
 
+from fmserve.testing import LocalServer  # noqa: E402
+
 console = Console()
 MODEL = "system.ai.smollm2-135m-instruct"
 
@@ -59,11 +61,9 @@ async def _stream(client: httpx.AsyncClient, endpoint: str, body: dict) -> Strea
     return s
 
 
-async def _round(url: str, headers: dict[str, str], endpoint: str, streams: int,
+async def _round(srv: LocalServer, endpoint: str, streams: int,
                  max_tokens: int, round_no: int) -> float:
-    limits = httpx.Limits(max_connections=streams + 2)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
-                                 limits=limits) as client:
+    async with srv.async_client(timeout=600, connections=streams + 2) as client:
         bodies = [chat_body(f"Write a long story about {TOPICS[(round_no + i) % len(TOPICS)]}.",
                             max_tokens) for i in range(streams)]
         t0 = time.perf_counter()
@@ -92,16 +92,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fmserve-bench-") as tmp:
         srv = start_server(Path(tmp), threads=0)
         try:
-            url, headers = srv.url, srv.headers
-            with httpx.Client(base_url=url, headers=headers, timeout=600) as c:
+            with srv.client(timeout=600) as c:
                 chunk = c.get("/api/2.0/serving-endpoints/get-model-optimization-info/"
                               f"{MODEL}/1").json()["throughput_chunk_size"]
                 for replicas in (1, 2):
                     name = f"pt-{replicas}"
                     _create(c, name, {"min_provisioned_throughput": replicas * chunk,
                                       "max_provisioned_throughput": replicas * chunk})
-                    asyncio.run(_round(url, headers, name, 2, 8, 99))  # warm-up
-                    tps = [asyncio.run(_round(url, headers, name, args.streams,
+                    asyncio.run(_round(srv, name, 2, 8, 99))  # warm-up
+                    tps = [asyncio.run(_round(srv, name, args.streams,
                                               args.max_tokens, r)) for r in range(args.rounds)]
                     med = statistics.median(tps)
                     console.log(f"{replicas} replica(s): {med:.1f} tok/s at {args.streams} "
@@ -111,13 +110,13 @@ def main() -> int:
                     c.delete(f"/api/2.0/serving-endpoints/{name}")
                 _create(c, "stz", {"scale_to_zero_enabled": True})
                 body = chat_body("Say hello.", 8)
-                warm = asyncio.run(_one(url, headers, "stz", body))
+                warm = asyncio.run(_one(srv, "stz", body))
                 cold = []
                 for _ in range(args.rounds):
                     while not any(w["entity"].startswith("stz/") and w["replicas"] == 0
-                                  for w in httpx.get(f"{url}/health").json()["workers"]):
+                                  for w in srv.health()["workers"]):
                         time.sleep(0.2)
-                    cold.append(asyncio.run(_one(url, headers, "stz", body)))
+                    cold.append(asyncio.run(_one(srv, "stz", body)))
                 rows.append(("scale-to-zero cold start, request → first token",
                              f"{statistics.median(cold):.0f} ms (warm: {warm:.0f} ms)"))
         finally:
@@ -129,8 +128,8 @@ def main() -> int:
     return 0
 
 
-async def _one(url: str, headers: dict[str, str], endpoint: str, body: dict) -> float:  # type: ignore[type-arg]
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+async def _one(srv: LocalServer, endpoint: str, body: dict) -> float:  # type: ignore[type-arg]
+    async with srv.async_client(timeout=600) as client:
         s = await _stream(client, endpoint, body)
     return s.ttft_ms
 

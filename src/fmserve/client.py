@@ -71,6 +71,18 @@ def http_client(host: str | None = None, token: str | None = None, timeout: floa
     return httpx.Client(base_url=base, timeout=timeout, headers=_auth(tok), **kw)
 
 
+def async_http_client(host: str | None = None, token: str | None = None,
+                      timeout: float = 300, connections: int | None = None,
+                      **kw: Any) -> httpx.AsyncClient:
+    """A raw ``httpx.AsyncClient`` for ``host`` with the bearer token set; ``connections``
+    bounds the pool (default: httpx's)."""
+    base, tok = resolve(host, token)
+    if connections is not None:
+        kw["limits"] = httpx.Limits(max_connections=connections,
+                                    max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=base, timeout=timeout, headers=_auth(tok), **kw)
+
+
 def retry_after_s(r: httpx.Response, max_wait_s: float) -> float:
     """Seconds ``Retry-After`` asks for (delta-seconds or HTTP-date), 1 when absent,
     clamped to ``[0, max_wait_s]``."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from fmserve.client import Client, http_client
+from fmserve.client import Client, async_http_client, http_client
 
 
 @dataclass
@@ -37,6 +37,10 @@ class LocalServer:
     def client(self, **kw: Any) -> httpx.Client:
         """A raw ``httpx.Client`` with this server's URL and token."""
         return http_client(self.url, self.token, timeout=120, **kw)
+
+    def async_client(self, **kw: Any) -> httpx.AsyncClient:
+        """A raw ``httpx.AsyncClient`` (see :func:`fmserve.client.async_http_client`)."""
+        return async_http_client(self.url, self.token, **kw)
 
     def api(self, **kw: Any) -> Client:
         """An :class:`fmserve.client.Client` for this server."""
