@@ -38,8 +38,8 @@ class ServerConfig:
             is, ``auto``, ``bf16``, ``q8_0``, ... see ``engines/weights.py``); empty = each
             model's default (the bundled SmolLM2: ``auto``; a user's GGUF: ``gguf``). A
             served entity's ``environment_vars.FMSERVE_LLAMA_WEIGHTS`` overrides it.
-        sync_interval_s: how often (s) to pick up endpoint changes made by other
-            server processes sharing the database.
+        sync_interval_s: how often (s) to pick up endpoint and secret changes made by
+            other server processes (or the CLI) sharing the database.
         scale_to_zero_idle_s: idle seconds before a scale-to-zero entity stops its workers.
         bundled: start the bundled pay-per-token endpoints.
         external_timeout_s: seconds an external model provider may stay silent (connect,
