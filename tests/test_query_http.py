@@ -236,6 +236,30 @@ def test_body_over_4mb_is_rejected(http: httpx.Client) -> None:
     assert ok.status_code == 200
 
 
+@pytest.mark.parametrize("depth", [65, 1000, 5000, 100_000])
+def test_deeply_nested_body_is_400_on_every_route_family(http: httpx.Client, depth: int) -> None:
+    nested = "[" * depth + "]" * depth
+    bodies = {
+        INVOKE_CHAT: '{"messages": [{"role": "user", "content": "hi"}], "x": %s}',
+        "/serving-endpoints/chat/completions": '{"model": "' + CHAT + '", "messages": %s}',
+        "/api/2.0/serving-endpoints": '{"name": "deep", "config": %s}',
+        "/api/2.0/secrets/put": '{"scope": "s", "key": "k", "string_value": %s}',
+    }
+    for url, template in bodies.items():
+        r = http.post(url, content=template % nested, headers={"Content-Type": "application/json"})
+        assert "64 levels" in _error(r, 400), url
+    assert http.get("/api/2.0/serving-endpoints/deep").status_code == 404  # nothing stored
+    # A real schema nested a dozen levels (well under the bound) is served.
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(12):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    r = http.post(INVOKE_CHAT, json={"messages": [{"role": "user", "content": "hi"}],
+                                     "max_tokens": 2, "response_format": {
+                                         "type": "json_schema",
+                                         "json_schema": {"name": "d", "schema": schema}}})
+    assert r.status_code == 200, r.text
+
+
 def test_wrong_method_is_json_error(http: httpx.Client) -> None:
     r = http.get(INVOKE_CHAT)
     _error(r, 405)

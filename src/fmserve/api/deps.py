@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fmserve.errors import BadRequest, PayloadTooLarge
 from fmserve.gateway.auth import Principal
+from fmserve.protocol.validation import MAX_JSON_DEPTH, json_depth_over
 
 # Bodies over the limit are read (and dropped) up to this size before the 413,
 # so the client sees the error rather than a reset connection.
@@ -38,7 +39,8 @@ async def read_json(request: Request) -> dict[str, Any]:
 
     Raises:
         PayloadTooLarge: 413 over ``max_body_bytes`` (4 MB by default, spec §10).
-        BadRequest: 400 for malformed JSON or a non-object body.
+        BadRequest: 400 for malformed JSON, a non-object body, or one nested deeper
+            than :data:`~fmserve.protocol.validation.MAX_JSON_DEPTH` levels.
     """
     limit = request.app.state.fm.config.max_body_bytes
 
@@ -63,7 +65,16 @@ async def read_json(request: Request) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # orjson stops at 1024 levels
+            raise _too_deep() from None
         raise BadRequest(f"Malformed JSON in request body: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("Request body must be a JSON object.")
+    if json_depth_over(body):
+        raise _too_deep()
     return body
+
+
+def _too_deep() -> BadRequest:
+    return BadRequest(f"Request body nests arrays/objects more than {MAX_JSON_DEPTH} levels "
+                      "deep.")

@@ -44,3 +44,22 @@ def parse_model(model: type[M], body: Any) -> M:
         if first["type"] == "missing":
             raise InvalidParameterValue(f"Missing required parameter '{field}'.") from None
         raise InvalidParameterValue(f"Invalid value for '{field}': {msg}") from None
+
+
+# Deepest nesting of arrays/objects a request body may have. Real requests nest a few
+# levels (a JSON Schema in a tool a dozen or two); without a bound, a body nested
+# thousands deep reaches recursion limits in validation, error rendering and storage.
+MAX_JSON_DEPTH = 64
+
+
+def json_depth_over(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether parsed JSON ``value`` nests arrays/objects deeper than ``limit`` levels
+    (the top-level object is level 1). Iterative: no recursion, whatever the depth."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
