@@ -417,3 +417,27 @@ def test_unknown_extra_params_key_is_400(http: httpx.Client) -> None:
     ok = http.post(INVOKE_CHAT, json={"messages": HI, "max_tokens": 3,
                                       "extra_params": {"top_k": 1}})
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("url", ["/v1/completions", "/serving-endpoints/completions"])
+def test_openai_completions_default_to_16_tokens(http: httpx.Client, url: str) -> None:
+    r = http.post(url, json={"model": CHAT, "temperature": 0,
+                             "prompt": "Write a very long story about the sea. Once upon a time"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] <= 16
+    assert body["choices"][0]["finish_reason"] == "length"
+    r = http.post(url, json={"model": CHAT, "temperature": 0, "max_tokens": 20,
+                             "prompt": "Write a very long story about the sea. Once upon a time"})
+    assert r.json()["usage"]["completion_tokens"] == 20
+
+
+def test_requests_without_max_tokens_get_the_server_ceiling() -> None:
+    from fmserve.engines.local import sampling_params
+    from fmserve.protocol.chat import CompletionRequest
+
+    assert sampling_params(CompletionRequest(prompt="x"), False, 4096)["max_tokens"] == 4096
+    assert sampling_params(CompletionRequest(prompt="x", max_tokens=3), False,
+                           4096)["max_tokens"] == 3
+    assert sampling_params(CompletionRequest(prompt="x", max_completion_tokens=5), False,
+                           4096)["max_tokens"] == 5

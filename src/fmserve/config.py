@@ -28,6 +28,9 @@ class ServerConfig:
         embed_threads: torch threads for the embeddings worker.
         max_queue: requests allowed to wait per worker before 503 + Retry-After.
         max_body_bytes: request body limit (4 MB for foundation-model endpoints, spec §10).
+        max_tokens_default: tokens a local model generates for a request that sets no
+            ``max_tokens`` (``FMSERVE_MAX_TOKENS_DEFAULT``): a ceiling, so a forgotten
+            parameter cannot hold a batch slot until the context is full.
         n_ctx: llama.cpp context in tokens (0 = the model's training context), shared by
             the requests a worker runs at once.
         llama_max_seqs: requests one llama.cpp worker decodes together (continuous
@@ -56,6 +59,8 @@ class ServerConfig:
     embed_threads: int = field(default_factory=lambda: _env_int("FMSERVE_EMBED_THREADS", 0))
     max_queue: int = field(default_factory=lambda: _env_int("FMSERVE_MAX_QUEUE", 64))
     max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_default: int = field(
+        default_factory=lambda: _env_int("FMSERVE_MAX_TOKENS_DEFAULT", 4096))
     n_ctx: int = field(default_factory=lambda: _env_int("FMSERVE_N_CTX", 8192))
     llama_max_seqs: int = field(default_factory=lambda: _env_int("FMSERVE_LLAMA_MAX_SEQS", 8))
     llama_prefill_chunk: int = field(

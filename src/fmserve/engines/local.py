@@ -69,15 +69,18 @@ def logprobs_param(req: SamplingParams, chat: bool) -> int | None:
     return (top or 0) if want else None
 
 
-def sampling_params(req: SamplingParams, chat: bool) -> dict[str, Any]:
+def sampling_params(req: SamplingParams, chat: bool,
+                    default_max_tokens: int | None = None) -> dict[str, Any]:
     """The engine's ``params`` from request fields and ``extra_params`` (and
-    ``logprobs``: alternatives per token, see :func:`logprobs_param`).
+    ``logprobs``: alternatives per token, see :func:`logprobs_param`);
+    ``default_max_tokens`` when the request sets no ``max_tokens``.
 
     Raises:
         InvalidParameterValue: an ``extra_params`` key the engine cannot honour.
     """
+    max_tokens = req.effective_max_tokens()
     params: dict[str, Any] = {
-        "max_tokens": req.effective_max_tokens(),
+        "max_tokens": default_max_tokens if max_tokens is None else max_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
         "top_k": req.top_k,
@@ -121,9 +124,11 @@ class _Choice:
 class LlamaBackend(Backend):
     """Chat and completions on a llama.cpp worker (GGUF, chat template from the file)."""
 
-    def __init__(self, name: str, worker: WorkerPool) -> None:
+    def __init__(self, name: str, worker: WorkerPool,
+                 default_max_tokens: int | None = None) -> None:
         self.name = name
         self.worker = worker
+        self.default_max_tokens = default_max_tokens  # tokens, when a request sets none
 
     def ready(self) -> bool:
         return self.worker.state == "ready"
@@ -190,7 +195,7 @@ class LlamaBackend(Backend):
                 "response_format json_object/json_schema cannot be combined with tools on "
                 f"'{self.name}'; use tool_choice 'none' or drop response_format.")
         messages = render_history(self._chat_messages(req), plan)
-        params = sampling_params(req, chat=True)
+        params = sampling_params(req, chat=True, default_max_tokens=self.default_max_tokens)
         grammar = plan.grammar() or fmt_grammar
         if grammar:
             params["grammar"] = grammar
@@ -198,7 +203,7 @@ class LlamaBackend(Backend):
                 for j in range(req.n)]
 
     def _completion_ops(self, req: CompletionRequest) -> list[dict[str, Any]]:
-        params = sampling_params(req, chat=False)
+        params = sampling_params(req, chat=False, default_max_tokens=self.default_max_tokens)
         return [{"op": "generate", "prompt": p, "params": _nth(params, j)}
                 for p in req.prompts() for j in range(req.n)]
 

@@ -116,8 +116,8 @@ def build_entity(endpoint: str, inp: ServedEntityInput, source: ModelSource,
     worker = WorkerPool(worker_name, spec, log_path, min_replicas=lo, max_replicas=hi,
                         max_queue=cfg.max_queue, scale_to_zero=bool(inp.scale_to_zero_enabled),
                         idle_timeout_s=cfg.scale_to_zero_idle_s)
-    backend: Backend = (LlamaBackend(name, worker) if source.engine == "llama_cpp"
-                        else EmbeddingBackend(name, worker))
+    backend: Backend = (LlamaBackend(name, worker, cfg.max_tokens_default)
+                        if source.engine == "llama_cpp" else EmbeddingBackend(name, worker))
     return ServedEntity(name=name, entity_name=inp.entity_name or name,
                         entity_version=inp.entity_version, backend=backend,
                         foundation_model=source.foundation_model, worker=worker,

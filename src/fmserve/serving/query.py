@@ -38,6 +38,7 @@ from fmserve.serving.endpoints import (
 )
 
 Body = dict[str, Any]
+OPENAI_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default on /v1/completions
 Result = tuple[str, Body | AsyncIterator[Body], dict[str, str]]
 
 _KIND_TASKS = {
@@ -100,6 +101,10 @@ class QueryService:
         return await self._dispatch("chat", _model(body), body, None)
 
     async def completions(self, body: Body) -> Result:
+        """OpenAI legacy completions: ``max_tokens`` defaults to 16 (OpenAI API reference,
+        "Create completion": "max_tokens … Defaults to 16")."""
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body = {**body, "max_tokens": OPENAI_COMPLETIONS_MAX_TOKENS}
         return await self._dispatch("completions", _model(body), body, None)
 
     async def embeddings(self, body: Body) -> Result:
