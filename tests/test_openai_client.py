@@ -181,7 +181,9 @@ def test_unknown_model_is_not_found(server: Server) -> None:
                                   max_tokens=4)
     assert ei.value.status_code == 404
     assert isinstance(ei.value.body, dict)
-    assert ei.value.body["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+    # The OpenAI envelope's error object: the client exposes code and type from it.
+    assert ei.value.code == "RESOURCE_DOES_NOT_EXIST"
+    assert ei.value.type == "not_found_error"
     assert "no-such-endpoint" in ei.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         c.embeddings.create(model="no-such-endpoint", input="x")
@@ -193,7 +195,8 @@ def test_wrong_api_key_is_authentication_error(server: Server) -> None:
         c.chat.completions.create(model=CHAT, messages=PROMPT, max_tokens=4)
     assert ei.value.status_code == 401
     assert isinstance(ei.value.body, dict)
-    assert ei.value.body["error_code"] == "UNAUTHENTICATED"
+    assert ei.value.code == "UNAUTHENTICATED"
+    assert ei.value.type == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         list(c.models.list())
 
@@ -204,7 +207,8 @@ def test_n_out_of_range_is_bad_request(server: Server) -> None:
         c.chat.completions.create(model=CHAT, messages=PROMPT, max_tokens=4, n=9)
     assert ei.value.status_code == 400
     assert isinstance(ei.value.body, dict)
-    assert ei.value.body["error_code"] in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+    assert ei.value.code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+    assert ei.value.type == "invalid_request_error"
     assert "'n'" in ei.value.body["message"]
     assert "'n'" in str(ei.value)
 

@@ -441,3 +441,21 @@ def test_requests_without_max_tokens_get_the_server_ceiling() -> None:
                            4096)["max_tokens"] == 3
     assert sampling_params(CompletionRequest(prompt="x", max_completion_tokens=5), False,
                            4096)["max_tokens"] == 5
+
+
+def test_openai_routes_carry_both_error_shapes(http: httpx.Client) -> None:
+    """OpenAI clients read ``error.{message,type,code}``; Databricks clients (which call
+    /invocations) read ``error_code``/``message``."""
+    for url in ("/v1/chat/completions", "/serving-endpoints/chat/completions"):
+        r = http.post(url, json={"model": "no-such-endpoint", "messages": [
+            {"role": "user", "content": "hi"}]})
+        body = r.json()
+        assert r.status_code == 404 and body["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+        assert body["error"] == {"message": body["message"], "type": "not_found_error",
+                                 "param": None, "code": "RESOURCE_DOES_NOT_EXIST"}
+    r = http.post("/v1/completions", json={"model": CHAT, "prompt": "x", "n": 99})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = http.post("/v1/no-such-route", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "ENDPOINT_NOT_FOUND"
+    r = http.post(INVOKE_CHAT, json={"messages": [], "max_tokens": 1})
+    assert r.status_code == 400 and set(r.json()) == {"error_code", "message"}
