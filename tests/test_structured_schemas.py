@@ -431,8 +431,12 @@ def test_preload_fills_the_schema_cache_with_both_forms() -> None:
         "type": "object", "properties": {"when": {"type": "string", "format": "date"}}}}}
     tools = [{"type": "function", "function": {"name": "f", "parameters": params}},
              {"type": "function", "function": {"name": "g"}}, "junk"]
-    schemas.preload(tools, rf)
+    schemas.preload(schemas.unchecked_schemas(tools, rf))
     for form in (schemas.with_type_aliases(params)[0], rf["json_schema"]["schema"]):
         assert schemas.digest_of(form) in schemas._CACHE
     assert schemas.digest_of(params) not in schemas._CACHE  # "float" is no JSON type
-    schemas.preload(None, {"type": "json_schema", "json_schema": {"schema": 7}})  # no raise
+    # Once loaded, only the invalid form is left to check: no thread hop for the rest.
+    assert schemas.unchecked_schemas(tools, rf) == [params]
+    assert schemas.unchecked_schemas(None, {"type": "json_object"}) == []
+    bad = {"type": "json_schema", "json_schema": {"schema": 7}}
+    schemas.preload(schemas.unchecked_schemas(None, bad))  # no raise

@@ -238,15 +238,11 @@ def ref_rooted(schema: Any, base: str) -> Any:
     return rebuild(schema, reroot)
 
 
-def preload(tools: Any, response_format: Any) -> None:
-    """Loads (into the cache of :func:`load_schema`) every schema of a chat request —
+def unchecked_schemas(tools: Any, response_format: Any) -> list[Any]:
+    """The schemas of a chat request not yet in the cache of :func:`load_schema`:
     ``response_format.json_schema.schema`` and each tool's ``function.parameters``, as
-    sent and with :data:`TYPE_ALIASES` read — so the request path finds them checked.
-
-    The metaschema check of a large schema takes hundreds of ms of pure Python; callers
-    run this in a thread (``asyncio.to_thread``) so the event loop keeps serving. Errors
-    are not raised here: the request path raises them, with its own messages.
-    """
+    sent and with :data:`TYPE_ALIASES` read (local engines read that form). Cheap: a
+    digest each, no metaschema check."""
     found: list[Any] = []
     if isinstance(response_format, dict) and isinstance(response_format.get("json_schema"), dict):
         found.append(response_format["json_schema"].get("schema"))
@@ -254,11 +250,24 @@ def preload(tools: Any, response_format: Any) -> None:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if isinstance(fn, dict):
             found.append(fn.get("parameters"))
+    out: list[Any] = []
     for schema in found:
-        if not isinstance(schema, (dict, bool)):
+        if isinstance(schema, (dict, bool)):
+            out.extend(form for form in (schema, with_type_aliases(schema)[0])
+                       if digest_of(form) not in _CACHE)
+    return out
+
+
+def preload(schemas: list[Any]) -> None:
+    """Loads ``schemas`` (from :func:`unchecked_schemas`) into the cache of
+    :func:`load_schema`, so the request path finds them checked.
+
+    The metaschema check of a large schema takes hundreds of ms of pure Python; callers
+    run this in a thread (``asyncio.to_thread``) so the event loop keeps serving. Errors
+    are not raised here: the request path raises them, with its own messages.
+    """
+    for form in schemas:
+        try:
+            load_schema(form, "schema")
+        except (InvalidParameterValue, RecursionError):
             continue
-        for form in (schema, with_type_aliases(schema)[0]):
-            try:
-                load_schema(form, "schema")
-            except (InvalidParameterValue, RecursionError):
-                continue

@@ -26,7 +26,7 @@ import numpy as np
 from fmserve.errors import FmserveError, InvalidParameterValue
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
-from fmserve.protocol.schemas import preload
+from fmserve.protocol.schemas import preload, unchecked_schemas
 from fmserve.protocol.validation import parse_model
 from fmserve.serving.endpoints import (
     TASK_CHAT,
@@ -148,9 +148,9 @@ class QueryService:
             caps.require("vision", "Image input", entity.name)
         if req.wants_reasoning():
             caps.require("reasoning", "Reasoning (thinking / reasoning_effort)", entity.name)
-        if req.tools or req.response_format:
-            # A large schema's metaschema check is slow pure Python: off the event loop.
-            await asyncio.to_thread(preload, req.tools, req.response_format)
+        todo = unchecked_schemas(req.tools, req.response_format)
+        if todo:  # a large schema's metaschema check is slow pure Python: off the loop
+            await asyncio.to_thread(preload, todo)
         head = _head("chatcmpl", ep.name)
         if req.stream:
             return await _primed(_stamp(entity.backend.chat_stream(req), head))
