@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from fmserve.api.query_routes import OPENAI_PATHS, OPENAI_PREFIX
 from fmserve.errors import FmserveError
 
 log = logging.getLogger("fmserve.api")
@@ -35,13 +36,12 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                  403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
                  409: "invalid_request_error", 413: "invalid_request_error",
                  429: "rate_limit_error"}
-_OPENAI_PATHS = frozenset(f"/serving-endpoints/{p}" for p in (
-    "chat/completions", "completions", "embeddings", "models", "responses"))
 
 
 def openai_route(path: str) -> bool:
-    """Whether ``path`` is one of the OpenAI-compatible routes."""
-    return path.startswith("/v1/") or path in _OPENAI_PATHS
+    """Whether ``path`` is one of the OpenAI-compatible routes (declared with the query
+    routes, :data:`fmserve.api.query_routes.OPENAI_PATHS`)."""
+    return path.startswith(OPENAI_PREFIX) or path in OPENAI_PATHS
 
 
 def error_body(status: int, code: str, message: str, openai: bool = False) -> dict[str, object]:

@@ -116,6 +116,12 @@ QUERY_ROUTES: tuple[tuple[str, str], ...] = (
                          ("embeddings", "embeddings"))),
 )
 
+# The OpenAI-compatible routes (their errors also carry OpenAI's envelope, api.errors):
+# every /v1 route, and the /serving-endpoints ones the OpenAI client calls.
+OPENAI_PREFIX = "/v1/"
+OPENAI_PATHS = frozenset({*(p for p, _ in QUERY_ROUTES if "{" not in p),
+                          "/serving-endpoints/models"})
+
 _Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -193,7 +199,7 @@ class FastQueryPath:
         await response(scope, receive, send)
 
 
-@router.get("/v1/models")
+@router.get(OPENAI_PREFIX + "models")
 @router.get("/serving-endpoints/models")
 async def models(request: Request) -> Response:
     """OpenAI ``GET /v1/models``: one model per serving endpoint (``id`` = endpoint name)."""
