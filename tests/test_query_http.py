@@ -432,9 +432,19 @@ def test_openai_completions_default_to_16_tokens(http: httpx.Client, url: str) -
     assert r.json()["usage"]["completion_tokens"] == 20
 
 
-def test_requests_without_max_tokens_get_the_server_ceiling() -> None:
-    from fmserve.engines.local import sampling_params
+def test_requests_without_max_tokens_get_the_server_ceiling(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from fmserve.config import ServerConfig
+    from fmserve.engines.local import LlamaBackend, sampling_params
     from fmserve.protocol.chat import CompletionRequest
+    from fmserve.serving.endpoints import bundled_endpoints
+
+    monkeypatch.setenv("FMSERVE_MAX_TOKENS_DEFAULT", "7")
+    chat = next(ep for ep in bundled_endpoints(ServerConfig(data_dir=tmp_path))
+                if ep.name == CHAT)
+    backends = [e.backend for e in chat.entities]
+    assert backends and all(isinstance(b, LlamaBackend) and b.default_max_tokens == 7
+                            for b in backends)
 
     assert sampling_params(CompletionRequest(prompt="x"), False, 4096)["max_tokens"] == 4096
     assert sampling_params(CompletionRequest(prompt="x", max_tokens=3), False,
