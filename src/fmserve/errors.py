@@ -9,6 +9,8 @@ translate their own exceptions into one of these where they arise;
     ├── BadRequest                    400 BAD_REQUEST
     │   ├── InvalidParameterValue     400 INVALID_PARAMETER_VALUE
     │   └── ContextLengthExceeded     400 INVALID_PARAMETER_VALUE
+    ├── ScimError                     4xx, SCIM's error shape (RFC 7644 §3.12)
+    ├── OAuthError                    400/401, RFC 6749 §5.2's error shape
     ├── Unauthenticated               401 UNAUTHENTICATED
     ├── PermissionDenied              403 PERMISSION_DENIED
     ├── ResourceDoesNotExist          404 RESOURCE_DOES_NOT_EXIST
@@ -20,6 +22,9 @@ translate their own exceptions into one of these where they arise;
 Wire format (spec §8.7, as databricks-sdk ``errors/deserializer.py`` parses it)::
 
     {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "..."}
+
+except where a route's own standard shapes errors: SCIM (:class:`ScimError`) and the
+OAuth token endpoint (:class:`OAuthError`); each overrides :meth:`FmserveError.to_body`.
 
 The SDK, mlflow and openai retry 429 and 503 honouring the integer
 ``Retry-After`` header, so every throttling error carries one.
@@ -75,6 +80,55 @@ class Unauthenticated(FmserveError):
 class PermissionDenied(FmserveError):
     status_code = 403
     error_code = "PERMISSION_DENIED"
+
+
+class ScimError(FmserveError):
+    """A SCIM request failed: RFC 7644 §3.12's body, which databricks-sdk parses by its
+    ``detail`` and ``status`` keys::
+
+        {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
+         "detail": "...", "status": "400", "scimType": "invalidFilter"}
+
+    ``scim_type`` is one of RFC 7644's ``scimType`` values (``invalidFilter``,
+    ``invalidSyntax``, ``invalidPath``, ``invalidValue``, ``noTarget``, ``mutability``,
+    ``uniqueness``, ``tooMany``) or None.
+    """
+
+    _CODES = {400: "INVALID_PARAMETER_VALUE", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+              404: "RESOURCE_DOES_NOT_EXIST", 409: "RESOURCE_ALREADY_EXISTS"}
+
+    def __init__(self, status: int, detail: str, scim_type: str | None = None) -> None:
+        super().__init__(detail, error_code=self._CODES.get(status, "BAD_REQUEST"))
+        self.status_code = status
+        self.scim_type = scim_type
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
+                                "detail": self.message, "status": str(self.status_code)}
+        if self.scim_type:
+            body["scimType"] = self.scim_type
+        return body
+
+
+class OAuthError(FmserveError):
+    """The token endpoint refused a request: RFC 6749 §5.2's body
+    ``{"error": "invalid_client", "error_description": "..."}`` (databricks-sdk
+    ``oauth.retrieve_token`` reads ``error``/``error_description``).
+
+    ``invalid_client`` is 401 (with ``WWW-Authenticate: Basic``); ``invalid_request``,
+    ``invalid_grant``, ``unsupported_grant_type`` and ``invalid_scope`` are 400.
+    """
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(description, error_code=error)
+        self.status_code = 401 if error == "invalid_client" else 400
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": self.error_code, "error_description": self.message}
+
+    def headers(self) -> dict[str, str]:
+        return ({"WWW-Authenticate": 'Basic realm="fmserve"'}
+                if self.status_code == 401 else {})
 
 
 class ResourceDoesNotExist(FmserveError):

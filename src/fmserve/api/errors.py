@@ -66,8 +66,11 @@ def install(app: FastAPI) -> None:
     async def _fmserve(request: Request, exc: FmserveError) -> Response:
         if exc.status_code >= 500 and exc.status_code != 503:
             log.error("internal error: %s", exc.message)
-        return error_response(exc.status_code, exc.error_code, exc.message, exc.headers(),
-                              openai_route(request.url.path))
+        body = exc.to_body()
+        if "error_code" in body and openai_route(request.url.path):
+            body = error_body(exc.status_code, exc.error_code, exc.message, openai=True)
+        return Response(orjson.dumps(body), status_code=exc.status_code,
+                        media_type="application/json", headers=exc.headers())
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> Response:
