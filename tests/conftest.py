@@ -1,7 +1,7 @@
 """A real fmserve server on 127.0.0.1 with the bundled models, for the client tests.
 
 ``server`` is session-wide: one ``fmserve serve`` subprocess (the same command a
-user runs) with a fresh data dir and a token created by ``fmserve tokens create``.
+user runs) with a fresh data dir and a token of the first admin created by ``fmserve admin-token``.
 Tests that break things (kill workers, fill queues) start their own with
 :func:`start_server`.
 """

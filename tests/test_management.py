@@ -140,7 +140,7 @@ def test_sdk_create_and_wait(ab: str, ws: WorkspaceClient) -> None:
     ep = ws.serving_endpoints.get(ab)
     assert ep.name == ab
     assert ep.id and len(ep.id) >= 16
-    assert ep.creator == "admin"  # the token's owner
+    assert ep.creator == "admin@fmserve.local"  # the token's owner: the first admin
     assert ep.task == "llm/v1/chat"
     assert ep.permission_level is not None and ep.permission_level.value == "CAN_MANAGE"
     assert ep.creation_timestamp and ep.creation_timestamp > 1_600_000_000_000  # ms
@@ -170,7 +170,7 @@ def test_sdk_list_contains_created(ab: str, ws: WorkspaceClient) -> None:
     assert {ab, CHAT, EMBED} <= set(eps)
     ep = eps[ab]
     assert ep.task == "llm/v1/chat"
-    assert ep.creator == "admin"
+    assert ep.creator == "admin@fmserve.local"
     assert ep.state is not None and ep.state.ready is not None
     assert ep.state.ready.value == "READY"
     assert ep.config is not None

@@ -1,53 +1,74 @@
-"""``fmserve`` command line: serve, tokens, secrets, endpoints, query.
+"""``fmserve`` command line: serve, admin-token, tokens, users, service-principals,
+groups, secrets, endpoints, query.
 
-``serve``, ``tokens`` and ``secrets`` work on the data dir directly; ``endpoints`` and
-``query`` are thin clients of the HTTP API (``DATABRICKS_HOST`` /
-``DATABRICKS_TOKEN``, or ``--host`` / ``--token``).
+``serve``, ``admin-token`` and ``secrets`` work on the data dir directly; the others are
+thin clients of the HTTP API (``DATABRICKS_HOST`` / ``DATABRICKS_TOKEN``, or ``--host`` /
+``--token``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fmserve.client import ApiError, ApiUnreachable, Client, resolve
+from fmserve import cli_principals, cli_tokens
+from fmserve.cli_common import DEFAULT_HOST, DataDir, DbUrl, Host, Token, console, err
+from fmserve.cli_common import call as _call
+from fmserve.cli_common import client as _client
+from fmserve.cli_common import ms as _ms
+from fmserve.client import Client
 from fmserve.config import ServerConfig, default_data_dir
 
 app = typer.Typer(help="fmserve: self-hosted foundation model serving.", no_args_is_help=True,
                   add_completion=False)
-tokens_app = typer.Typer(help="Personal access tokens.", no_args_is_help=True)
 endpoints_app = typer.Typer(help="Serving endpoints.", no_args_is_help=True)
-app.add_typer(tokens_app, name="tokens")
+app.add_typer(cli_tokens.app, name="tokens")
+app.add_typer(cli_principals.users_app, name="users")
+app.add_typer(cli_principals.sps_app, name="service-principals")
+app.add_typer(cli_principals.groups_app, name="groups")
 app.add_typer(endpoints_app, name="endpoints")
 secrets_app = typer.Typer(help="Secret scopes and secrets (values stored encrypted; never "
                           "shown).", no_args_is_help=True)
 app.add_typer(secrets_app, name="secrets")
 
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data dir (default "
-                                              "$FMSERVE_HOME or ~/.fmserve).")]
-DbUrl = Annotated[str | None, typer.Option("--database-url", envvar="FMSERVE_DATABASE_URL",
-                                           help="SQLAlchemy URL (default SQLite in data dir).")]
-Host = Annotated[str, typer.Option("--host", envvar="DATABRICKS_HOST",
-                                   help="Server URL.")]
-Token = Annotated[str | None, typer.Option("--token", envvar="DATABRICKS_TOKEN",
-                                           help="Access token.")]
 
 
-def _token_store(data_dir: Path | None, database_url: str | None):  # type: ignore[no-untyped-def]
+def _bootstrap(cfg: ServerConfig, *, force_token: bool, comment: str) -> str | None:
+    """Creates the built-in groups and the first admin (``cfg.admin_user``) when missing;
+    returns a new PAT of the first admin when one was just created or ``force_token``."""
     from fmserve.store.db import open_database
+    from fmserve.store.principals import PrincipalStore
     from fmserve.store.tokens import TokenStore
 
+    db = open_database(cfg)
+    try:
+        admin_id, created = PrincipalStore(db).ensure_builtins(cfg.admin_user)
+        tokens = TokenStore(db)
+        if created or force_token or tokens.count_active() == 0:
+            return tokens.create(owner_id=admin_id, comment=comment)[0]
+        return None
+    finally:
+        db.close()
+
+
+@app.command("admin-token")
+def admin_token(
+    comment: Annotated[str, typer.Option(help="What the token is for.")] = "admin token",
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Create a personal access token for the first admin, directly in the data dir (for
+    scripted set-up and recovery; needs access to the server's data dir or database).
+    The token is the last line of stdout."""
     cfg = ServerConfig(data_dir=data_dir or default_data_dir(), database_url=database_url)
-    return TokenStore(open_database(cfg))
+    token = _bootstrap(cfg, force_token=True, comment=comment)
+    err.print(f"Created a token for {cfg.admin_user}. Store it now; it cannot be shown "
+              "again.", highlight=False)
+    print(token)
 
 
 @app.command()
@@ -72,52 +93,16 @@ def serve(
                        database_url=database_url, bundled=bundled)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
-    store = _token_store(cfg.data_dir, cfg.database_url)
-    if store.count_active() == 0:
-        token, _ = store.create(comment="admin token created by first 'fmserve serve'",
-                                owner="admin", is_admin=True)
-        console.print("[bold]No access token existed, so an admin token was created. "
-                      "It is shown only once:[/bold]")
+    token = _bootstrap(cfg, force_token=False,
+                       comment="admin token created by first 'fmserve serve'")
+    if token:
+        console.print(f"[bold]The first admin ({cfg.admin_user}) was created with an access "
+                      "token. It is shown only once:[/bold]", highlight=False)
         console.print(f"  export DATABRICKS_TOKEN={token}", soft_wrap=True, highlight=False)
-    store.db.close()
     console.print(f"Data dir: {cfg.data_dir}.  Loading models, then serving on "
                   f"http://{host}:{port} ...", highlight=False)
     uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level.lower(),
                 timeout_graceful_shutdown=5, access_log=access_log)
-
-
-@tokens_app.command("create")
-def tokens_create(
-    comment: Annotated[str, typer.Option(help="What the token is for.")] = "",
-    lifetime_seconds: Annotated[int | None, typer.Option(help="Expire after this long.")] = None,
-    data_dir: DataDir = None,
-    database_url: DbUrl = None,
-) -> None:
-    """Create a token; the token is the last line of stdout."""
-    token, info = _token_store(data_dir, database_url).create(
-        comment=comment, owner="admin", is_admin=True, lifetime_s=lifetime_seconds)
-    err.print(f"Created token {info.token_id}. Store it now; it cannot be shown again.")
-    print(token)
-
-
-@tokens_app.command("list")
-def tokens_list(data_dir: DataDir = None, database_url: DbUrl = None) -> None:
-    """List tokens (ids and comments; never the tokens themselves)."""
-    table = Table("token_id", "comment", "owner", "created", "expires", "state")
-    for t in _token_store(data_dir, database_url).list():
-        table.add_row(t.token_id, t.comment, t.owner, _ms(t.creation_time),
-                      "never" if t.expiry_time == -1 else _ms(t.expiry_time),
-                      "revoked" if t.revoked else "active")
-    console.print(table)
-
-
-@tokens_app.command("revoke")
-def tokens_revoke(token_id: str, data_dir: DataDir = None, database_url: DbUrl = None) -> None:
-    """Revoke a token by id."""
-    if not _token_store(data_dir, database_url).revoke(token_id):
-        err.print(f"No token with id {token_id!r} - see 'fmserve tokens list'.")
-        raise typer.Exit(1)
-    err.print(f"Revoked {token_id}.")
 
 
 def _secret_store(data_dir: Path | None, database_url: str | None):  # type: ignore[no-untyped-def]
@@ -219,33 +204,6 @@ def secrets_delete(scope: str, key: str, data_dir: DataDir = None,
     """Delete one secret."""
     _secrets_call(_secret_store(data_dir, database_url).delete, scope, key)
     err.print(f"Deleted secret {key} from scope {scope}.", highlight=False)
-
-
-def _ms(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _client(host: str, token: str | None) -> Client:
-    if not token:
-        err.print("No token: pass --token or export DATABRICKS_TOKEN "
-                  "(create one with 'fmserve tokens create').")
-        raise typer.Exit(2)
-    return Client(host, token)
-
-
-def _call(client: Client, method: str, path: str, **kw: Any) -> Any:
-    try:
-        return client.request(method, path, **kw)
-    except ApiUnreachable as exc:
-        err.print(f"{exc}. Is 'fmserve serve' running?")
-        raise typer.Exit(1) from None
-    except ApiError as exc:
-        err.print(f"[red]HTTP {exc.status}[/red] {exc.error_code}: {exc.message}",
-                  highlight=False)
-        raise typer.Exit(1) from None
-
-
-DEFAULT_HOST = resolve()[0]
 
 
 @endpoints_app.command("list")

@@ -49,6 +49,8 @@ class ServerConfig:
             or between reads) before the request fails with 504.
         allow_private_image_urls: let ``image_url`` fetches reach private, loopback and
             link-local addresses (off by default: no SSRF through the gateway).
+        admin_user: ``userName`` of the first admin, created on first start
+            (``FMSERVE_ADMIN_USER``).
     """
 
     host: str = "127.0.0.1"
@@ -76,3 +78,5 @@ class ServerConfig:
         default_factory=lambda: os.environ.get("FMSERVE_ALLOW_PRIVATE_IMAGE_URLS", "")
         .lower() in ("1", "true", "yes"))
     print_token: bool = True
+    admin_user: str = field(
+        default_factory=lambda: os.environ.get("FMSERVE_ADMIN_USER") or "admin@fmserve.local")

@@ -1,7 +1,7 @@
 """Run a real ``fmserve serve`` subprocess on 127.0.0.1 — for tests and benchmarks.
 
-``start_server(tmp)`` creates a token with ``fmserve tokens create`` in a fresh data
-dir under ``tmp``, starts ``fmserve serve`` on a free port exactly as a user would,
+``start_server(tmp)`` creates a token of the first admin with ``fmserve admin-token`` in a
+fresh data dir under ``tmp``, starts ``fmserve serve`` on a free port exactly as a user would,
 and returns once ``GET /health`` answers 200 (the bundled models loaded).
 """
 
@@ -74,7 +74,7 @@ def start_server(tmp: Path, env_extra: dict[str, str] | None = None, timeout_s: 
     env = {k: v for k, v in os.environ.items()
            if k not in ("DATABRICKS_TOKEN", "FMSERVE_DATABASE_URL")}
     env.update(FMSERVE_HOME=str(data_dir), **(env_extra or {}))
-    out = subprocess.run(fmserve_cmd() + ["tokens", "create", "--comment", "local server"],
+    out = subprocess.run(fmserve_cmd() + ["admin-token", "--comment", "local server"],
                          env=env, check=True, capture_output=True, text=True).stdout
     token = out.strip().splitlines()[-1]
     port = free_port()

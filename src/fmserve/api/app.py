@@ -14,6 +14,10 @@ from fmserve import __version__
 from fmserve.api import errors, manage_routes, misc_routes, query_routes, secrets_routes
 from fmserve.config import ServerConfig
 from fmserve.gateway.auth import Authenticator
+from fmserve.gateway.directory import Directory
+from fmserve.gateway.identity import Identity
+from fmserve.gateway.oauth import TokenSigner
+from fmserve.gateway.policy import GatewayPolicy
 from fmserve.providers import HttpClient, ProviderContext
 from fmserve.serving.endpoints import (
     MINILM_ENDPOINT,
@@ -24,8 +28,11 @@ from fmserve.serving.endpoints import (
 from fmserve.serving.manager import EndpointManager
 from fmserve.serving.metrics import ServingMetrics
 from fmserve.serving.query import QueryService
+from fmserve.store.credentials import CredentialStore
 from fmserve.store.db import Database, open_database
 from fmserve.store.endpoints import EndpointStore
+from fmserve.store.permissions import PermissionStore
+from fmserve.store.principals import PrincipalStore
 from fmserve.store.secrets import SecretStore, load_key
 from fmserve.store.tokens import TokenStore
 
@@ -38,6 +45,8 @@ class AppState:
     db: Database
     tokens: TokenStore
     auth: Authenticator
+    identity: Identity
+    policy: GatewayPolicy
     registry: EndpointRegistry
     manager: EndpointManager
     query: QueryService
@@ -47,26 +56,54 @@ class AppState:
     http: HttpClient
 
 
+def _identity(cfg: ServerConfig, db: Database, secrets: SecretStore) -> Identity:
+    """The identity stores, the built-in groups and first admin, the token signer and the
+    loaded directory. Blocking."""
+    principals = PrincipalStore(db)
+    principals.ensure_builtins(cfg.admin_user)
+    directory = Directory(principals)
+    directory.refresh()
+    credentials = CredentialStore(db)
+    signer = TokenSigner.load(credentials, secrets.seal, secrets.open)
+    tokens = TokenStore(db)
+    return Identity(principals=principals, tokens=tokens, credentials=credentials,
+                    permissions=PermissionStore(db), directory=directory, signer=signer,
+                    auth=Authenticator(tokens, directory, signer))
+
+
+async def _identity_sync(identity: Identity, interval_s: float) -> None:
+    """Reloads the directory every ``interval_s`` (changes made by other replicas)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await identity.refresh()
+        except Exception:  # a database hiccup: keep the last snapshot, retry next time
+            log.exception("identity sync failed")
+
+
 def create_app(cfg: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = await asyncio.to_thread(open_database, cfg)  # store calls: never on the loop
-        tokens = TokenStore(db)
+        secrets = SecretStore(db, load_key(cfg.data_dir))
+        identity = await asyncio.to_thread(_identity, cfg, db, secrets)
+        policy = GatewayPolicy(identity.directory)
         registry = EndpointRegistry()
         if cfg.bundled:
             for ep in bundled_endpoints(cfg):
                 registry.add(ep)
         workers = registry.workers()
-        secrets = SecretStore(db, load_key(cfg.data_dir))
         http = HttpClient(cfg.external_timeout_s)
         # Secret references resolve from the store's in-memory copy (never the database
         # on the event loop); the manager's sync refreshes it.
         providers = ProviderContext(http=http, secret=secrets.resolve,
                                     allow_private_image_urls=cfg.allow_private_image_urls)
-        manager = EndpointManager(cfg, EndpointStore(db), registry, secrets, providers)
+        manager = EndpointManager(cfg, EndpointStore(db), registry, secrets, providers,
+                                  policy, identity)
         app.state.fm = AppState(
-            config=cfg, db=db, tokens=tokens, auth=Authenticator(tokens), registry=registry,
-            manager=manager, query=QueryService(registry),
+            config=cfg, db=db, tokens=identity.tokens, auth=identity.auth, identity=identity,
+            policy=policy, registry=registry, manager=manager,
+            query=QueryService(registry, policy),
             metrics=ServingMetrics(registry.workers),
             workspace_id=await asyncio.to_thread(db.workspace_id),
             secrets=secrets, http=http)
@@ -77,11 +114,13 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                 log.error("served entity %s is not ready: %s", w.name, w.state_message)
         if cfg.bundled:
             describe_embeddings(registry.get(MINILM_ENDPOINT))
-        syncer = asyncio.create_task(manager.run_sync_loop(cfg.sync_interval_s))
+        syncers = [asyncio.create_task(manager.run_sync_loop(cfg.sync_interval_s)),
+                   asyncio.create_task(_identity_sync(identity, cfg.sync_interval_s))]
         try:
             yield
         finally:
-            syncer.cancel()
+            for task in syncers:
+                task.cancel()
             await manager.close()
             await http.close()
             await asyncio.gather(*(w.stop() for w in registry.workers()),

@@ -19,14 +19,20 @@ _DRAIN_LIMIT = 64 * 1024 * 1024
 
 
 async def principal(request: Request) -> Principal:
-    """FastAPI dependency: the authenticated caller (401 otherwise).
+    """FastAPI dependency: the authenticated caller (401 otherwise), remembered on the
+    request so later calls are free.
 
     A cached token is answered on the event loop; only a cache miss (a database
     lookup) goes to the thread pool.
     """
+    who: Principal | None = request.scope.get("fm.principal")
+    if who is not None:
+        return who
     auth = request.app.state.fm.auth
     header = request.headers.get("authorization")
-    return auth.cached(header) or await run_in_threadpool(auth.authenticate, header)
+    who = auth.cached(header) or await run_in_threadpool(auth.authenticate, header)
+    request.scope["fm.principal"] = who
+    return who
 
 
 def json_response(body: object, status: int = 200) -> Response:

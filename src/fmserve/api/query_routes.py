@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fmserve.api.deps import principal, read_json
 from fmserve.errors import FmserveError
+from fmserve.gateway.policy import RequestContext
 from fmserve.serving.query import Result
 
 router = APIRouter(dependencies=[Depends(principal)])
@@ -81,14 +83,17 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], on_end: Callable[[dict[str
     yield _DONE
 
 
-async def _answer(request: Request, kind: str, run: Callable[[dict[str, Any]],
-                                                             Awaitable[Result]]) -> Response:
+_Run = Callable[[RequestContext, dict[str, Any]], Awaitable[Result]]
+
+
+async def _answer(request: Request, kind: str, run: _Run) -> Response:
     fm = request.app.state.fm
     started = time.perf_counter()
+    ctx = RequestContext(principal=await principal(request), request_id=uuid.uuid4().hex)
     body = await read_json(request)
     name = str(body.get("model") or request.path_params.get("name") or "")
     try:
-        entity, out, extra_headers = await _until_disconnect(request, run(body))
+        entity, out, extra_headers = await _until_disconnect(request, run(ctx, body))
     except _ClientGone:
         return Response(status_code=499)
     except FmserveError as exc:
@@ -131,8 +136,8 @@ def _handler(kind: str) -> _Handler:
     async def handler(request: Request) -> Response:
         query, params = request.app.state.fm.query, request.path_params
         if kind == "invocations":
-            return await _answer(request, kind, lambda body: query.invocations(
-                params["name"], body, params.get("entity")))
+            return await _answer(request, kind, lambda ctx, body: query.invocations(
+                ctx, params["name"], body, params.get("entity")))
         return await _answer(request, kind, getattr(query, kind))
     return handler
 
@@ -202,8 +207,10 @@ class FastQueryPath:
 @router.get(OPENAI_PREFIX + "models")
 @router.get("/serving-endpoints/models")
 async def models(request: Request) -> Response:
-    """OpenAI ``GET /v1/models``: one model per serving endpoint (``id`` = endpoint name)."""
-    eps = request.app.state.fm.registry.all()
+    """OpenAI ``GET /v1/models``: one model per serving endpoint the caller may query
+    (``id`` = endpoint name)."""
+    ctx = RequestContext(principal=await principal(request), request_id=uuid.uuid4().hex)
+    eps = request.app.state.fm.query.queryable(ctx)
     data = [{"id": ep.name, "object": "model", "created": ep.created_ms // 1000,
              "owned_by": "fmserve", "task": ep.task} for ep in eps]
     return Response(orjson.dumps({"object": "list", "data": data}),

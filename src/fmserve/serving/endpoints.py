@@ -168,7 +168,6 @@ class ServingEndpoint:
     rate_limits: list[dict[str, Any]] | None = None
     config_update: str = "NOT_UPDATING"
     pending: PendingConfig | None = None
-    permission_level: str = "CAN_QUERY"
     user_created: bool = False
 
     @property
@@ -205,7 +204,8 @@ class ServingEndpoint:
         raise ResourceDoesNotExist(
             f"Served model '{name}' does not exist in endpoint '{self.name}'.")
 
-    def detailed(self) -> ServingEndpointDetailed:
+    def detailed(self, permission_level: str | None = None) -> ServingEndpointDetailed:
+        """The endpoint as the API shows it; ``permission_level`` is the caller's."""
         config = None
         if self.entities:
             config = EndpointCoreConfigOutput(
@@ -227,13 +227,13 @@ class ServingEndpoint:
                                 config_update=self.config_update),  # type: ignore[arg-type]
             config=config, pending_config=pending, task=self.task,
             tags=[EndpointTag(**t) for t in self.tags],
-            permission_level=self.permission_level,  # type: ignore[arg-type]
+            permission_level=permission_level,  # type: ignore[arg-type]
             route_optimized=False, endpoint_type=self.endpoint_type,
             ai_gateway=self.ai_gateway, rate_limits=self.rate_limits,
         )
 
-    def as_dict(self) -> dict[str, Any]:
-        return self.detailed().model_dump(exclude_none=True)
+    def as_dict(self, permission_level: str | None = None) -> dict[str, Any]:
+        return self.detailed(permission_level).model_dump(exclude_none=True)
 
 
 class EndpointRegistry:

@@ -13,6 +13,11 @@ Several server processes may share one database: :meth:`EndpointManager.sync`
 processes created or changed and removes the ones they deleted, and refreshes the
 in-memory copy of the secrets that credential references resolve from.
 
+Permissions (``gateway/policy.py``): viewing needs ``CAN_VIEW``, every change
+``CAN_MANAGE``; the creator of an endpoint is granted ``CAN_MANAGE``; a config that
+references ``{{secrets/scope/key}}`` may only be stored by a principal with ``READ`` on
+that scope.
+
 Every store call runs in a worker thread (``asyncio.to_thread``), never on the event
 loop; the manager's lock keeps the store and the live registry in step: creates,
 updates, deletes, tag/gateway/rate-limit changes and syncs run one at a time, as
@@ -27,7 +32,10 @@ import logging
 from typing import Any
 
 from fmserve.config import ServerConfig
-from fmserve.errors import InvalidParameterValue, ResourceAlreadyExists
+from fmserve.errors import InvalidParameterValue, PermissionDenied, ResourceAlreadyExists
+from fmserve.gateway.directory import Principal
+from fmserve.gateway.identity import Identity
+from fmserve.gateway.policy import CAN_MANAGE, CAN_VIEW, GatewayPolicy, secret_permission
 from fmserve.protocol.management import (
     AiGatewayInput,
     CreateServingEndpoint,
@@ -47,7 +55,7 @@ from fmserve.serving.endpoints import (
     build_external_entity,
 )
 from fmserve.store.endpoints import EndpointRecord, EndpointStore
-from fmserve.store.secrets import SecretStore, seal_plaintext
+from fmserve.store.secrets import SECRET_REF, SecretStore, seal_plaintext
 
 log = logging.getLogger("fmserve.manager")
 
@@ -89,8 +97,11 @@ def _config_dict(config: EndpointCoreConfigInput) -> dict[str, Any]:
 class EndpointManager:
     def __init__(self, cfg: ServerConfig, store: EndpointStore,
                  registry: EndpointRegistry, secrets: SecretStore,
-                 providers: ProviderContext) -> None:
+                 providers: ProviderContext, policy: GatewayPolicy,
+                 identity: Identity) -> None:
         self.cfg = cfg
+        self.policy = policy
+        self.identity = identity
         self.secrets = secrets
         self.providers = providers
         self.store = store
@@ -99,11 +110,40 @@ class EndpointManager:
         self._lock = asyncio.Lock()
 
     # -- API operations --------------------------------------------------------
-    async def create(self, body: dict[str, Any], creator: str) -> dict[str, Any]:
-        """``POST /api/2.0/serving-endpoints``; returns the endpoint (IN_PROGRESS).
+    # -- reading -------------------------------------------------------------------
+    def visible(self, who: Principal) -> list[dict[str, Any]]:
+        """``GET /api/2.0/serving-endpoints``: the endpoints the caller may view, each with
+        the caller's ``permission_level``."""
+        out = []
+        for ep in self.registry.all():
+            level = self.policy.level(who, ep)
+            if level is not None:
+                out.append(ep.as_dict(level))
+        return out
+
+    def view(self, who: Principal, name: str) -> ServingEndpoint:
+        """The endpoint, for a caller with ``CAN_VIEW``.
+
+        Raises:
+            ResourceDoesNotExist: 404; PermissionDenied: 403.
+        """
+        ep = self.registry.get(name)
+        self.policy.require(who, ep, CAN_VIEW)
+        return ep
+
+    def describe(self, who: Principal, name: str) -> dict[str, Any]:
+        """``GET …/{name}`` with the caller's ``permission_level``."""
+        ep = self.view(who, name)
+        return ep.as_dict(self.policy.level(who, ep))
+
+    # -- API operations --------------------------------------------------------
+    async def create(self, body: dict[str, Any], who: Principal) -> dict[str, Any]:
+        """``POST /api/2.0/serving-endpoints``; returns the endpoint (IN_PROGRESS). The
+        creator is granted ``CAN_MANAGE``.
 
         Raises:
             InvalidParameterValue: 400 for an invalid body or config.
+            PermissionDenied: 403 for a secret reference to a scope the caller cannot READ.
             ResourceAlreadyExists: 409 when the name is taken.
         """
         if isinstance(body, dict) and isinstance(body.get("config"), dict):
@@ -113,11 +153,12 @@ class EndpointManager:
         existing = self.registry.find(req.name)
         if existing is not None:
             raise ResourceAlreadyExists(f"Endpoint with name '{req.name}' already exists.")
+        self._check_secret_refs(who, _config_dict(req.config))
         await self._fresh_secrets(_config_dict(req.config))
         task, entities, routes = _plan(self.cfg, req.name, req.config, self.providers)
         async with self._lock:
             rec = await asyncio.to_thread(
-                self.store.create, name=req.name, creator=creator, task=task,
+                self.store.create, name=req.name, creator=who.name, task=task,
                 config=_config_dict(req.config),
                 description=req.description or "",
                 tags=[t.model_dump(exclude_none=True) for t in req.tags or []],
@@ -125,20 +166,25 @@ class EndpointManager:
                 else None,
                 rate_limits=[r.model_dump(exclude_none=True) for r in req.rate_limits]
                 if req.rate_limits else None)
+            await self.identity.write(self.identity.permissions.set_grants, rec.id,
+                                      {who.id: CAN_MANAGE}, replace=False)
             ep = self._endpoint(rec)
             self.registry.add(ep)
             self._rollout(ep, PendingConfig(rec.config_version, entities, routes))
-        return ep.as_dict()
+        return ep.as_dict(CAN_MANAGE)
 
-    async def update_config(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def update_config(self, who: Principal, name: str,
+                            body: dict[str, Any]) -> dict[str, Any]:
         """``PUT …/{name}/config``: a new config version rolls out; the old one serves until then.
 
         Raises:
-            ResourceDoesNotExist: 404; InvalidParameterValue: 400 (also for a task change
-            or while another update is in progress).
+            ResourceDoesNotExist: 404; PermissionDenied: 403 (no CAN_MANAGE, or a secret
+            reference the caller cannot READ); InvalidParameterValue: 400 (also for a task
+            change or while another update is in progress).
         """
-        ep = self._user_endpoint(name)
+        ep = self._managed(who, name)
         config = parse_model(EndpointCoreConfigInput, seal_plaintext(body, self.secrets))
+        self._check_secret_refs(who, _config_dict(config))
         if (ep.endpoint_type == "EXTERNAL_MODEL") != _has_external(_config_dict(config)):
             # Spec §2.4: external models cannot be added to or removed from an endpoint
             # by an update.
@@ -160,20 +206,22 @@ class EndpointManager:
             rec = await asyncio.to_thread(self.store.update, name, config=_config_dict(config))
             ep.updated_ms = rec.last_updated_timestamp
             self._rollout(ep, PendingConfig(rec.config_version, entities, routes))
-        return ep.as_dict()
+        return ep.as_dict(self.policy.level(who, ep))
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, who: Principal, name: str) -> None:
         """``DELETE …/{name}``. Raises ResourceDoesNotExist (404), InvalidParameterValue
-        (400) for a built-in endpoint."""
-        ep = self._user_endpoint(name)
+        (400) for a built-in endpoint, PermissionDenied (403) without CAN_MANAGE."""
+        ep = self._managed(who, name)
         async with self._lock:
             await asyncio.to_thread(self.store.delete, name)
             self.registry.remove(name)
+            await self.identity.write(self.identity.permissions.drop_endpoint, ep.id)
         await self._teardown(ep)
 
-    async def patch_tags(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    async def patch_tags(self, who: Principal, name: str,
+                         body: dict[str, Any]) -> list[dict[str, Any]]:
         """``PATCH …/{name}/tags``: the endpoint's tags after the change."""
-        ep = self._user_endpoint(name)
+        ep = self._managed(who, name)
         req = parse_model(PatchTags, body)
         async with self._lock:  # read-modify-write: concurrent patches all land
             tags = {t["key"]: t for t in ep.tags}
@@ -184,17 +232,19 @@ class EndpointManager:
             await self._save(ep, tags=list(tags.values()))
         return ep.tags
 
-    async def put_ai_gateway(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def put_ai_gateway(self, who: Principal, name: str,
+                             body: dict[str, Any]) -> dict[str, Any]:
         """``PUT …/{name}/ai-gateway``: the stored AI Gateway config."""
-        ep = self._user_endpoint(name)
+        ep = self._managed(who, name)
         gw = parse_model(AiGatewayInput, body).model_dump(exclude_none=True)
         async with self._lock:
             await self._save(ep, ai_gateway=gw)
         return gw
 
-    async def put_rate_limits(self, name: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    async def put_rate_limits(self, who: Principal, name: str,
+                              body: dict[str, Any]) -> list[dict[str, Any]]:
         """``PUT …/{name}/rate-limits``: the stored rate limits."""
-        ep = self._user_endpoint(name)
+        ep = self._managed(who, name)
         limits = [r.model_dump(exclude_none=True)
                   for r in parse_model(PutRateLimits, body).rate_limits]
         async with self._lock:
@@ -215,12 +265,32 @@ class EndpointManager:
         if _has_external(config):
             await asyncio.to_thread(self.secrets.refresh)
 
-    def _user_endpoint(self, name: str) -> ServingEndpoint:
+    def _managed(self, who: Principal, name: str) -> ServingEndpoint:
+        """A user endpoint the caller may change.
+
+        Raises:
+            ResourceDoesNotExist: 404; InvalidParameterValue: 400 for a built-in
+            pay-per-token endpoint; PermissionDenied: 403 without ``CAN_MANAGE``.
+        """
         ep = self.registry.get(name)
         if not ep.user_created:
             raise InvalidParameterValue(
                 f"Endpoint '{name}' is a built-in pay-per-token endpoint and cannot be changed.")
+        self.policy.require(who, ep, CAN_MANAGE)
         return ep
+
+    def _check_secret_refs(self, who: Principal, config: dict[str, Any]) -> None:
+        """Raises PermissionDenied (403) when the config references a secret in a scope the
+        caller has no ``READ`` on (governance §4: secret ACLs)."""
+        import orjson
+
+        for scope in sorted({m.group(1) for m in SECRET_REF.finditer(
+                orjson.dumps(config).decode())}):
+            if secret_permission(self.identity.directory, who, scope) is None:
+                raise PermissionDenied(
+                    f"Principal '{who.name}' has no READ permission on secret scope "
+                    f"'{scope}', which this endpoint config references. Ask a MANAGE holder "
+                    f"of the scope: databricks secrets put-acl {scope} {who.name} READ.")
 
     # -- rollout -------------------------------------------------------------------
     def _endpoint(self, rec: EndpointRecord) -> ServingEndpoint:
@@ -229,7 +299,7 @@ class EndpointManager:
             creator=rec.creator, created_ms=rec.creation_timestamp,
             updated_ms=rec.last_updated_timestamp,
             config_version=0, endpoint_id=rec.id, tags=list(rec.tags), ai_gateway=rec.ai_gateway,
-            rate_limits=rec.rate_limits, permission_level="CAN_MANAGE", user_created=True,
+            rate_limits=rec.rate_limits, user_created=True,
             endpoint_type="EXTERNAL_MODEL" if _has_external(rec.config)
             else "FOUNDATION_MODEL_API")
 

@@ -1,6 +1,7 @@
 """Answering queries: task dispatch, routing to a served entity, response shaping.
 
-Entry points return ``(served_entity_name, body_or_stream, extra_headers)``:
+Entry points take the caller's :class:`~fmserve.gateway.policy.RequestContext` and return
+``(served_entity_name, body_or_stream, extra_headers)``:
 
 * :meth:`QueryService.invocations` — ``/serving-endpoints/{name}/invocations``: the
   body's keys decide the kind (``messages`` → chat, ``prompt`` → completions,
@@ -9,6 +10,11 @@ Entry points return ``(served_entity_name, body_or_stream, extra_headers)``:
   OpenAI-compatible routes, ``model`` = endpoint name.
 
 Streams are async iterators of chunk dicts (spec §8.3); the HTTP layer frames them.
+
+Every query passes the gateway policy: :meth:`GatewayPolicy.admit` after the endpoint is
+found (404 first, then 403 without ``CAN_QUERY``) and before the body is validated or a
+backend called; :meth:`GatewayPolicy.settle` when the answer is complete, the stream has
+ended or the call failed.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from fmserve.errors import FmserveError, InvalidParameterValue
+from fmserve.gateway.policy import GatewayPolicy, RequestContext
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.schemas import preload, unchecked_schemas
@@ -62,8 +70,10 @@ def _kind_of(body: Body, task: str) -> str:
 
 
 class QueryService:
-    def __init__(self, registry: EndpointRegistry, rng: random.Random | None = None) -> None:
+    def __init__(self, registry: EndpointRegistry, policy: GatewayPolicy,
+                 rng: random.Random | None = None) -> None:
         self.registry = registry
+        self.policy = policy
         self.rng = rng or random.Random()
 
     # -- routing -------------------------------------------------------------
@@ -90,29 +100,38 @@ class QueryService:
                 f"('{field}') cannot be sent to it.")
 
     # -- entry points ----------------------------------------------------------
-    async def invocations(self, name: str, body: Body, served_model: str | None = None) -> Result:
+    async def invocations(self, ctx: RequestContext, name: str, body: Body,
+                          served_model: str | None = None) -> Result:
         ep = self.registry.get(name)
+        self.policy.admit(ctx, ep)
         if served_model:
             ep.entity(served_model)  # 404 for an unknown served entity first
         kind = _kind_of(body, ep.task)
-        return await self._dispatch(kind, name, body, served_model)
+        return await self._dispatch(ctx, kind, name, body, served_model, admitted=True)
 
-    async def chat(self, body: Body) -> Result:
-        return await self._dispatch("chat", _model(body), body, None)
+    async def chat(self, ctx: RequestContext, body: Body) -> Result:
+        return await self._dispatch(ctx, "chat", _model(body), body, None)
 
-    async def completions(self, body: Body) -> Result:
+    async def completions(self, ctx: RequestContext, body: Body) -> Result:
         """OpenAI legacy completions: ``max_tokens`` defaults to 16 (OpenAI API reference,
         "Create completion": "max_tokens … Defaults to 16")."""
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body = {**body, "max_tokens": OPENAI_COMPLETIONS_MAX_TOKENS}
-        return await self._dispatch("completions", _model(body), body, None)
+        return await self._dispatch(ctx, "completions", _model(body), body, None)
 
-    async def embeddings(self, body: Body) -> Result:
-        return await self._dispatch("embeddings", _model(body), body, None)
+    async def embeddings(self, ctx: RequestContext, body: Body) -> Result:
+        return await self._dispatch(ctx, "embeddings", _model(body), body, None)
 
-    async def _dispatch(self, kind: str, name: str, body: Body,
-                        served_model: str | None) -> Result:
+    def queryable(self, ctx: RequestContext) -> list[ServingEndpoint]:
+        """The endpoints the caller may query (``GET /v1/models``)."""
+        return [ep for ep in self.registry.all()
+                if self.policy.allows(ctx.principal, ep, "CAN_QUERY")]
+
+    async def _dispatch(self, ctx: RequestContext, kind: str, name: str, body: Body,
+                        served_model: str | None, admitted: bool = False) -> Result:
         ep = self.registry.get(name)
+        if not admitted:
+            self.policy.admit(ctx, ep)
         self._check_task(ep, kind)
         req: Any
         run: Any
@@ -122,17 +141,27 @@ class QueryService:
             req, run = parse_model(CompletionRequest, body), self._complete
         else:
             req, run = parse_model(EmbeddingsRequest, body), self._embed
+        ctx = replace(ctx, endpoint=ep.name, client_request_id=req.client_request_id,
+                      usage_context=req.usage_context)
         last: FmserveError | None = None
         for entity in self._candidates(ep, served_model):
+            at = replace(ctx, served_entity=entity.name)
             try:
                 entity.backend.before_request()
                 out = await run(ep, entity, req)
-                return entity.name, out, getattr(req, "response_headers", {})
             except FmserveError as exc:
                 if exc.status_code < 500:
+                    self.policy.settle(at, exc.status_code, None)
                     raise
                 last = exc
+                continue
+            if isinstance(out, dict):
+                self.policy.settle(at, 200, out.get("usage"))
+            else:
+                out = _settled(out, self.policy, at)
+            return entity.name, out, getattr(req, "response_headers", {})
         assert last is not None
+        self.policy.settle(ctx, last.status_code, None)
         raise last
 
     # -- kinds -----------------------------------------------------------------
@@ -200,6 +229,25 @@ async def _stamp(chunks: AsyncIterator[Body], head: Body) -> AsyncIterator[Body]
             yield {**head, **chunk}
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _settled(chunks: AsyncIterator[Body], policy: GatewayPolicy,
+                   ctx: RequestContext) -> AsyncIterator[Body]:
+    """The stream, then :meth:`GatewayPolicy.settle` with the last ``usage`` seen and the
+    outcome (200, the error's status, or 499 when the client went away)."""
+    usage = None
+    status = 499
+    try:
+        async for chunk in chunks:
+            usage = chunk.get("usage") or usage
+            yield chunk
+        status = 200
+    except FmserveError as exc:
+        status = exc.status_code
+        raise
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        policy.settle(ctx, status, usage)
 
 
 async def _primed(stream: AsyncIterator[Body]) -> AsyncIterator[Body]:

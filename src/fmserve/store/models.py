@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -25,6 +25,9 @@ class Token(Base):
     creation_time: Mapped[int] = mapped_column(BigInteger)  # ms since epoch
     expiry_time: Mapped[int] = mapped_column(BigInteger, default=-1)  # ms; -1 = never
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    owner_id: Mapped[str | None] = mapped_column(String(20), nullable=True, index=True)
+    created_by_id: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    last_used_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms
 
 
 class Setting(Base):
@@ -77,3 +80,80 @@ class Secret(Base):
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     value_encrypted: Mapped[str] = mapped_column(Text)
     last_updated_timestamp: Mapped[int] = mapped_column(BigInteger)  # ms
+
+
+class PrincipalRow(Base):
+    """A user, service principal or group (SCIM resources; spec governance §4.3).
+
+    ``name`` is what identifies the principal outside fmserve and is unique per kind: a
+    user's ``userName`` (email), a service principal's ``applicationId`` (UUID, the OAuth
+    ``client_id``), a group's ``displayName``. ``attrs`` holds the other SCIM attributes
+    as received (``emails``, ``name``, ``entitlements``, ``roles``).
+    """
+
+    __tablename__ = "principals"
+    __table_args__ = (UniqueConstraint("kind", "name", name="uq_principals_kind_name"),)
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True)  # numeric string
+    kind: Mapped[str] = mapped_column(String(24))  # user | service_principal | group
+    name: Mapped[str] = mapped_column(String(255))
+    display_name: Mapped[str] = mapped_column(String(255), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    external_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    attrs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    creation_time: Mapped[int] = mapped_column(BigInteger)  # ms
+
+
+class GroupMember(Base):
+    """``member_id`` (a user, service principal or group) belongs to ``group_id``."""
+
+    __tablename__ = "group_members"
+
+    group_id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(20), primary_key=True, index=True)
+
+
+class ServicePrincipalSecret(Base):
+    """An OAuth client secret of a service principal; only its SHA-256 is kept."""
+
+    __tablename__ = "sp_secrets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sp_id: Mapped[str] = mapped_column(String(20), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_hash_prefix: Mapped[str] = mapped_column(String(8))  # shown as secret_hash
+    create_time: Mapped[int] = mapped_column(BigInteger)  # ms
+    update_time: Mapped[int] = mapped_column(BigInteger)  # ms
+    expire_time: Mapped[int] = mapped_column(BigInteger)  # ms
+    scopes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+
+
+class EndpointPermission(Base):
+    """A direct grant on a serving endpoint (by endpoint ``id``)."""
+
+    __tablename__ = "endpoint_permissions"
+
+    endpoint_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    principal_id: Mapped[str] = mapped_column(String(20), primary_key=True, index=True)
+    level: Mapped[str] = mapped_column(String(16))  # CAN_VIEW | CAN_QUERY | CAN_MANAGE
+
+
+class SecretAcl(Base):
+    """A secret-scope ACL entry: ``principal`` is a user name, group name or a service
+    principal's application id, as the Secrets API names it."""
+
+    __tablename__ = "secret_acls"
+
+    scope: Mapped[str] = mapped_column(String(128), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(255), primary_key=True)
+    permission: Mapped[str] = mapped_column(String(8))  # READ | WRITE | MANAGE
+
+
+class SigningKey(Base):
+    """A key that signs OAuth access tokens; the private key is Fernet-encrypted."""
+
+    __tablename__ = "signing_keys"
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    private_key_encrypted: Mapped[str] = mapped_column(Text)
+    creation_time: Mapped[int] = mapped_column(BigInteger)  # ms
