@@ -11,7 +11,18 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from fmserve import __version__
-from fmserve.api import errors, manage_routes, misc_routes, query_routes, secrets_routes
+from fmserve.api import (
+    errors,
+    manage_routes,
+    misc_routes,
+    oidc_routes,
+    permission_routes,
+    query_routes,
+    scim_routes,
+    secrets_routes,
+    sp_secret_routes,
+    token_routes,
+)
 from fmserve.config import ServerConfig
 from fmserve.gateway.auth import Authenticator
 from fmserve.gateway.directory import Directory
@@ -134,5 +145,10 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app.include_router(manage_routes.router)
     app.include_router(query_routes.router)
     app.include_router(secrets_routes.router)
+    app.include_router(oidc_routes.router)
+    app.include_router(scim_routes.router)
+    app.include_router(token_routes.router)
+    app.include_router(sp_secret_routes.router)
+    app.include_router(permission_routes.router)
     app.add_middleware(query_routes.FastQueryPath)
     return app
