@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from conftest import Server, start_server, stop_server, wait_for
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import (
@@ -160,15 +161,15 @@ def test_endpoint_store_shared_between_handles(db: Database) -> None:
 def test_token_store(db: Database) -> None:
     tokens = TokenStore(db)
     assert tokens.count_active() == 0
-    plain, info = tokens.create(comment="ci", owner="alice", is_admin=True)
+    plain, info = tokens.create(comment="ci", owner_id="1234")
     assert plain.startswith("dapi") and len(plain) == 36
-    assert (info.comment, info.owner, info.is_admin, info.expiry_time, info.revoked) == \
-        ("ci", "alice", True, -1, False)
-    other, _ = tokens.create(comment="short", lifetime_s=3600)
+    assert (info.comment, info.owner_id, info.created_by_id, info.expiry_time, info.revoked) == \
+        ("ci", "1234", "1234", -1, False)
+    other, _ = tokens.create(comment="short", owner_id="1234", lifetime_s=3600)
     assert plain != other
 
     v = tokens.verify(plain)
-    assert v is not None and v.token_id == info.token_id and v.owner == "alice"
+    assert v is not None and v.token_id == info.token_id and v.owner_id == "1234"
     assert tokens.verify(plain + "x") is None
     assert tokens.verify("dapi" + "0" * 32) is None
     assert tokens.count_active() == 2
@@ -183,7 +184,7 @@ def test_token_store(db: Database) -> None:
     assert tokens.revoke("no-such-id") is False
     assert tokens.count_active() == 1
 
-    expired, _ = tokens.create(lifetime_s=1)
+    expired, _ = tokens.create(owner_id="1234", lifetime_s=1)
     with db.session() as s, s.begin():  # age it past its expiry
         from fmserve.store.models import Token
         from fmserve.store.tokens import hash_token
@@ -281,7 +282,9 @@ def test_endpoint_survives_restart(tmp_path: Path) -> None:
 
 
 def test_two_servers_share_postgres(pg_url: str, tmp_path: Path) -> None:
-    env = {**SERVER_ENV, "FMSERVE_DATABASE_URL": pg_url}
+    # Replicas on one database share one secrets key (it also seals the OAuth signing key).
+    env = {**SERVER_ENV, "FMSERVE_DATABASE_URL": pg_url,
+           "FMSERVE_SECRETS_KEY": Fernet.generate_key().decode()}
     a = start_server(tmp_path / "a", env)
     try:
         b = start_server(tmp_path / "b", env)

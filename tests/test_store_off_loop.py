@@ -19,12 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from test_persistence import pg_url  # noqa: F401 - the PostgreSQL fixture
 
 from fmserve.api.app import create_app
 from fmserve.config import ServerConfig
 from fmserve.errors import InvalidParameterValue
 from fmserve.store.db import Database, open_database
+from fmserve.store.principals import PrincipalStore
 from fmserve.store.tokens import TokenStore
 
 GATE_TIMEOUT_S = 10.0
@@ -61,12 +63,17 @@ class Gate:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def cfg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerConfig]:
+def cfg(request: pytest.FixtureRequest, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerConfig]:
     url = None if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    # The module's tests share one PostgreSQL database, so one secrets key (it seals the
+    # OAuth signing key stored there), as replicas on one database do.
+    monkeypatch.setenv("FMSERVE_SECRETS_KEY", _KEY)
     yield ServerConfig(data_dir=tmp_path / "data", database_url=url, bundled=False,
                        sync_interval_s=3600)
 
 
+_KEY = Fernet.generate_key().decode()
 Call = Callable[[], Awaitable[Any]]
 
 
@@ -94,7 +101,8 @@ Main = Callable[[httpx.AsyncClient, Any, Gate], Awaitable[None]]
 async def _with(cfg: ServerConfig, main: Main) -> None:
     """Run ``main(client, app state, gate)`` against the app, lifespan and all."""
     db = open_database(cfg)
-    token, _ = TokenStore(db).create(comment="test", is_admin=True)
+    admin, _ = PrincipalStore(db).ensure_builtins(cfg.admin_user)
+    token, _ = TokenStore(db).create(owner_id=admin, comment="test")
     db.close()
     app = create_app(cfg)
     async with app.router.lifespan_context(app):

@@ -25,6 +25,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from fmserve.errors import FmserveError
 from fmserve.store.credentials import CredentialStore
 
 ACCESS_TOKEN_LIFETIME_S = 3600  # "Each access token is valid for one hour" (Databricks docs)
@@ -66,7 +67,15 @@ class TokenSigner:
             stored = store.signing_keys()
         keys: dict[str, rsa.RSAPrivateKey] = {}
         for kid, encrypted in stored:
-            loaded = serialization.load_pem_private_key(open_(encrypted).encode(), password=None)
+            try:
+                pem = open_(encrypted)
+            except FmserveError:
+                raise RuntimeError(
+                    "The OAuth signing key stored in the database cannot be decrypted with "
+                    "this server's secrets key. Every server sharing a database must use the "
+                    "same key: set FMSERVE_SECRETS_KEY to the same value on each (or copy "
+                    "<data dir>/secrets.key).") from None
+            loaded = serialization.load_pem_private_key(pem.encode(), password=None)
             if isinstance(loaded, rsa.RSAPrivateKey):
                 keys[kid] = loaded
         return cls(keys)
