@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.fernet import Fernet
 from conftest import Server, start_server, stop_server, wait_for
+from cryptography.fernet import Fernet
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import (
     AiGatewayUsageTrackingConfig,
