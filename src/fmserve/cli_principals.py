@@ -2,10 +2,10 @@
 (governance spec §4.3, ``/api/2.0/preview/scim/v2``).
 
 Principals are named by id or by name wherever a command takes one: a user by its
-``userName``, a service principal by its ``applicationId``, a group by its
-``displayName`` (resolved with SCIM ``eq`` filters). ``create`` prints the new id on
-stdout (a service principal's applicationId on the next line); errors are one line on
-stderr and exit 1.
+``userName``, a service principal by its ``applicationId`` (or a display name only one
+has), a group by its ``displayName`` (resolved with SCIM ``eq`` filters). ``create``
+prints the new id on stdout (a service principal's applicationId on the next line);
+errors are one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -93,6 +93,12 @@ def _lookup(c: Client, rtype: str, ref: str) -> dict[str, Any] | None:
         if r.status_code != 404:
             raise _fail(r)
     found = _list(c, rtype, f"{_NAME[rtype]} eq {json.dumps(ref)}")
+    if not found and rtype == "ServicePrincipals":  # also by a display name only one has
+        found = _list(c, rtype, f"displayName eq {json.dumps(ref)}")
+        if len(found) > 1:
+            err.print(f"{len(found)} service principals are named '{ref}'; use the "
+                      "applicationId or id.", highlight=False)
+            raise typer.Exit(1)
     return found[0] if found else None
 
 
@@ -307,7 +313,8 @@ def groups_delete(group: Annotated[str, typer.Argument(help="Id or name.")],
     _delete_cmd("Groups", group, host, token)
 
 
-Member = Annotated[str, typer.Argument(help="User name, application id, group name or id.")]
+Member = Annotated[str, typer.Argument(help="User name, application id (or service "
+                                        "principal display name), group name or id.")]
 GroupRef = Annotated[str, typer.Argument(help="Group name or id.")]
 
 
