@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from fmserve import __version__
 from fmserve.api import (
+    docs_routes,
     errors,
     manage_routes,
     misc_routes,
@@ -138,8 +139,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                                  return_exceptions=True)
             db.close()
 
+    # /docs and /openapi.json need credentials like every API route (api/docs_routes.py).
     app = FastAPI(title="fmserve", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(app)
     app.include_router(misc_routes.router)
     app.include_router(manage_routes.router)
@@ -150,5 +152,6 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     app.include_router(token_routes.router)
     app.include_router(sp_secret_routes.router)
     app.include_router(permission_routes.router)
+    app.include_router(docs_routes.router)
     app.add_middleware(query_routes.FastQueryPath)
     return app

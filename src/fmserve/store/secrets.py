@@ -30,7 +30,7 @@ from sqlalchemy import delete, select
 
 from fmserve.errors import InvalidParameterValue, ResourceAlreadyExists, ResourceDoesNotExist
 from fmserve.store.db import Database, now_ms
-from fmserve.store.models import Secret, SecretScope
+from fmserve.store.models import Secret, SecretAcl, SecretScope
 
 SECRET_REF = re.compile(r"\{\{\s*secrets/([^/\s}]+)/([^/\s}]+)\s*\}\}")
 SEALED_PREFIX = "fernet:"
@@ -137,6 +137,7 @@ class SecretStore:
                 if row is None:
                     raise ResourceDoesNotExist(f"Scope {scope} does not exist!")
                 s.execute(delete(Secret).where(Secret.scope == scope))
+                s.execute(delete(SecretAcl).where(SecretAcl.scope == scope))
                 s.delete(row)
             self._written(scope)
 
