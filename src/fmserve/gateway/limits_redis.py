@@ -150,7 +150,7 @@ class RedisLimiter:
     async def reserve(self, plan: Plan, rid: str, tokens: int) -> Decision:
         """Raises: LimiterUnavailable when Redis does not answer within the timeout."""
         buckets: list[Bucket] = [*plan.required, *plan.any_of]
-        args: list[Any] = [int(60_000), rid, int(tokens), len(plan.required)]
+        args: list[Any] = [60_000, rid, int(tokens), len(plan.required)]
         for b in buckets:
             args += [-1 if b.calls is None else b.calls, -1 if b.tokens is None else b.tokens]
         try:
