@@ -49,6 +49,11 @@ class ApiError(Exception):
             body = None
         if isinstance(body, dict) and "error_code" in body:
             return cls(r.status_code, str(body["error_code"]), str(body.get("message", "")))
+        if isinstance(body, dict) and "detail" in body:  # SCIM (RFC 7644 §3.12)
+            code = "SCIM_" + str(body.get("scimType") or body.get("status") or r.status_code)
+            return cls(r.status_code, code, str(body["detail"]))
+        if isinstance(body, dict) and isinstance(body.get("error"), str):  # OAuth (RFC 6749)
+            return cls(r.status_code, body["error"], str(body.get("error_description", "")))
         return cls(r.status_code, "HTTP_ERROR", r.text[:500])
 
 
