@@ -157,3 +157,60 @@ class SigningKey(Base):
     kid: Mapped[str] = mapped_column(String(64), primary_key=True)
     private_key_encrypted: Mapped[str] = mapped_column(Text)
     creation_time: Mapped[int] = mapped_column(BigInteger)  # ms
+
+
+class EndpointUsage(Base):
+    """One request to an endpoint with usage tracking on: ``system.serving.endpoint_usage``
+    (governance §2). Materialised from the request log; times in ms since the epoch."""
+
+    __tablename__ = "endpoint_usage"
+
+    databricks_request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    workspace_id: Mapped[str] = mapped_column(String(32))
+    requester: Mapped[str] = mapped_column(String(255), index=True)
+    status_code: Mapped[int] = mapped_column(Integer)
+    request_time: Mapped[int] = mapped_column(BigInteger, index=True)
+    input_token_count: Mapped[int] = mapped_column(BigInteger)
+    output_token_count: Mapped[int] = mapped_column(BigInteger)
+    input_character_count: Mapped[int] = mapped_column(BigInteger)
+    output_character_count: Mapped[int] = mapped_column(BigInteger)
+    usage_context: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    request_streaming: Mapped[bool] = mapped_column(Boolean)
+    served_entity_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    endpoint_name: Mapped[str] = mapped_column(String(63), index=True)
+
+
+class ServedEntityRow(Base):
+    """One served entity of one endpoint config version: ``system.serving.served_entities``
+    (a slowly changing dimension; the latest row has the highest config version)."""
+
+    __tablename__ = "served_entities"
+
+    served_entity_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(32))
+    created_by: Mapped[str] = mapped_column(String(255))
+    endpoint_name: Mapped[str] = mapped_column(String(63), index=True)
+    endpoint_id: Mapped[str] = mapped_column(String(32))
+    served_entity_name: Mapped[str] = mapped_column(String(255))
+    entity_type: Mapped[str] = mapped_column(String(32))
+    entity_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    entity_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    endpoint_config_version: Mapped[int] = mapped_column(Integer)
+    task: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    external_model_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    foundation_model_config: Mapped[dict[str, Any] | None] = mapped_column(JSON,
+                                                                           nullable=True)
+    change_time: Mapped[int] = mapped_column(BigInteger)  # ms
+    endpoint_delete_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class LogCheckpoint(Base):
+    """How far a consumer (``usage``, ``inference``) has read a replica's request log."""
+
+    __tablename__ = "log_checkpoints"
+
+    consumer: Mapped[str] = mapped_column(String(32), primary_key=True)
+    replica: Mapped[str] = mapped_column(String(255), primary_key=True)
+    segment: Mapped[str] = mapped_column(String(64))
+    offset: Mapped[int] = mapped_column(BigInteger)
