@@ -36,6 +36,7 @@ class Caller:
     name: str
     token: str
     url: str
+    display_name: str = ""
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60,
@@ -67,13 +68,14 @@ def new_user(srv: Server, prefix: str = "u") -> Caller:
     name = f"{prefix}-{uid()}@example.com"
     rec = scim_create(srv, "Users", {"userName": name, "displayName": f"User {prefix}"})
     assert rec["userName"] == name
-    return Caller(rec["id"], "user", name, mint_pat(srv, rec["id"]), srv.url)
+    return Caller(rec["id"], "user", name, mint_pat(srv, rec["id"]), srv.url,
+                  rec["displayName"])
 
 
 def new_sp(srv: Server, prefix: str = "sp") -> Caller:
     rec = scim_create(srv, "ServicePrincipals", {"displayName": f"{prefix}-{uid()}"})
     return Caller(rec["id"], "service_principal", rec["applicationId"],
-                  mint_pat(srv, rec["id"]), srv.url)
+                  mint_pat(srv, rec["id"]), srv.url, rec["displayName"])
 
 
 def new_group(srv: Server, members: list[str], prefix: str = "g") -> dict[str, Any]:
