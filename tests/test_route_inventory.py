@@ -97,8 +97,8 @@ def test_route_needs_credentials(gateway: Server, method: str, path: str) -> Non
     with httpx.Client(base_url=gateway.url, timeout=30) as c:
         for what, header in _BAD_AUTH.items():
             headers = {"Authorization": header} if header else {}
-            kw = {"json": {}} if method in ("POST", "PUT", "PATCH") else {}
-            r = c.request(method, url, headers=headers, **kw)  # type: ignore[arg-type]
+            body: dict[str, str] | None = {} if method in ("POST", "PUT", "PATCH") else None
+            r = c.request(method, url, headers=headers, json=body)
             assert r.status_code == 401, (what, r.status_code, r.text)
             assert r.json()["error_code"] == "UNAUTHENTICATED", (what, r.text)
             assert gateway.token not in r.text
