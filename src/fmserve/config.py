@@ -51,6 +51,12 @@ class ServerConfig:
             link-local addresses (off by default: no SSRF through the gateway).
         admin_user: ``userName`` of the first admin, created on first start
             (``FMSERVE_ADMIN_USER``).
+        redis_url: Redis for rate-limit counters shared by replicas (``FMSERVE_REDIS_URL``;
+            None = counters in this process).
+        rate_limit_fail_open: admit (and log) when Redis is unreachable instead of
+            answering 503 (``FMSERVE_RATE_LIMIT_FAIL_OPEN=1``).
+        request_log_sync: ``fsync`` (default: survives power loss) or ``write`` (survives
+            a killed process, not a machine crash) — ``FMSERVE_REQUEST_LOG_SYNC``.
     """
 
     host: str = "127.0.0.1"
@@ -78,5 +84,12 @@ class ServerConfig:
         default_factory=lambda: os.environ.get("FMSERVE_ALLOW_PRIVATE_IMAGE_URLS", "")
         .lower() in ("1", "true", "yes"))
     print_token: bool = True
+    redis_url: str | None = field(default_factory=lambda: os.environ.get("FMSERVE_REDIS_URL")
+                                  or None)
+    rate_limit_fail_open: bool = field(
+        default_factory=lambda: os.environ.get("FMSERVE_RATE_LIMIT_FAIL_OPEN", "").lower()
+        in ("1", "true", "yes"))
+    request_log_sync: str = field(
+        default_factory=lambda: os.environ.get("FMSERVE_REQUEST_LOG_SYNC") or "fsync")
     admin_user: str = field(
         default_factory=lambda: os.environ.get("FMSERVE_ADMIN_USER") or "admin@fmserve.local")

@@ -28,8 +28,11 @@ from fmserve.config import ServerConfig
 from fmserve.gateway.auth import Authenticator
 from fmserve.gateway.directory import Directory
 from fmserve.gateway.identity import Identity
+from fmserve.gateway.limits import MemoryLimiter
+from fmserve.gateway.limits_redis import RedisLimiter
 from fmserve.gateway.oauth import TokenSigner
 from fmserve.gateway.policy import GatewayPolicy
+from fmserve.gateway.usage import UsageMaterializer
 from fmserve.providers import HttpClient, ProviderContext
 from fmserve.serving.endpoints import (
     MINILM_ENDPOINT,
@@ -45,8 +48,10 @@ from fmserve.store.db import Database, open_database
 from fmserve.store.endpoints import EndpointStore
 from fmserve.store.permissions import PermissionStore
 from fmserve.store.principals import PrincipalStore
+from fmserve.store.request_log import RequestLog, replica_name
 from fmserve.store.secrets import SecretStore, load_key
 from fmserve.store.tokens import TokenStore
+from fmserve.store.usage import UsageStore
 
 log = logging.getLogger("fmserve")
 
@@ -64,6 +69,8 @@ class AppState:
     query: QueryService
     metrics: ServingMetrics
     workspace_id: str
+    request_log: RequestLog
+    usage: UsageStore
     secrets: SecretStore
     http: HttpClient
 
@@ -99,7 +106,15 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         db = await asyncio.to_thread(open_database, cfg)  # store calls: never on the loop
         secrets = SecretStore(db, load_key(cfg.data_dir))
         identity = await asyncio.to_thread(_identity, cfg, db, secrets)
-        policy = GatewayPolicy(identity.directory)
+        workspace_id = await asyncio.to_thread(db.workspace_id)
+        log_root = cfg.data_dir / "request-log"
+        request_log = RequestLog(log_root, replica_name(cfg.port), cfg.request_log_sync)
+        limiter = RedisLimiter(cfg.redis_url) if cfg.redis_url else MemoryLimiter()
+        policy = GatewayPolicy(identity.directory, limiter, request_log, workspace_id,
+                               cfg.rate_limit_fail_open)
+        usage = UsageStore(db)
+        materializer = UsageMaterializer(log_root, usage)
+        await asyncio.to_thread(materializer.run_once)  # catch up on what a crash left
         registry = EndpointRegistry()
         if cfg.bundled:
             for ep in bundled_endpoints(cfg):
@@ -111,13 +126,13 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         providers = ProviderContext(http=http, secret=secrets.resolve,
                                     allow_private_image_urls=cfg.allow_private_image_urls)
         manager = EndpointManager(cfg, EndpointStore(db), registry, secrets, providers,
-                                  policy, identity)
+                                  policy, identity, usage, workspace_id)
         app.state.fm = AppState(
             config=cfg, db=db, tokens=identity.tokens, auth=identity.auth, identity=identity,
             policy=policy, registry=registry, manager=manager,
-            query=QueryService(registry, policy),
+            query=QueryService(registry, policy, default_max_tokens=cfg.max_tokens_default),
             metrics=ServingMetrics(registry.workers),
-            workspace_id=await asyncio.to_thread(db.workspace_id),
+            workspace_id=workspace_id, request_log=request_log, usage=usage,
             secrets=secrets, http=http)
         await manager.sync()  # user endpoints come back, loading in the background
         await asyncio.gather(*(w.start() for w in workers))
@@ -127,7 +142,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         if cfg.bundled:
             describe_embeddings(registry.get(MINILM_ENDPOINT))
         syncers = [asyncio.create_task(manager.run_sync_loop(cfg.sync_interval_s)),
-                   asyncio.create_task(_identity_sync(identity, cfg.sync_interval_s))]
+                   asyncio.create_task(_identity_sync(identity, cfg.sync_interval_s)),
+                   asyncio.create_task(materializer.run())]
         try:
             yield
         finally:
@@ -135,6 +151,10 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                 task.cancel()
             await manager.close()
             await http.close()
+            if isinstance(limiter, RedisLimiter):
+                await limiter.close()
+            request_log.close()
+            await asyncio.to_thread(materializer.run_once)
             await asyncio.gather(*(w.stop() for w in registry.workers()),
                                  return_exceptions=True)
             db.close()

@@ -101,11 +101,12 @@ async def _answer(request: Request, kind: str, run: _Run) -> Response:
         raise
     headers = {**extra_headers, "served-model-name": entity}
     if isinstance(out, dict):
-        fm.metrics.record(name, kind, 200, time.perf_counter() - started, out.get("usage"))
+        fm.metrics.record(name, kind, 200, time.perf_counter() - started, out.get("usage"),
+                          entity)
         return Response(orjson.dumps(out), media_type="application/json", headers=headers)
 
     def on_end(usage: dict[str, Any] | None, status: int) -> None:
-        fm.metrics.record(name, kind, status, time.perf_counter() - started, usage)
+        fm.metrics.record(name, kind, status, time.perf_counter() - started, usage, entity)
 
     headers["Cache-Control"] = "no-cache"
     return StreamingResponse(_sse(out, on_end), media_type="text/event-stream", headers=headers)

@@ -1,9 +1,11 @@
 """Gateway policy: the one object ``serving/`` calls around every backend call.
 
 :class:`RequestContext` says who asks what (principal, endpoint, served entity, request
-ids, ``usage_context``); :meth:`GatewayPolicy.admit` runs before the backend is called
-and :meth:`GatewayPolicy.settle` after the answer or the stream ends — the seams where
-permissions (here), rate limits, usage, inference tables and guardrails plug in.
+ids, ``usage_context``). Around each query ``serving/`` calls :meth:`GatewayPolicy.open`,
+:meth:`~GatewayPolicy.authorize` (permissions), :meth:`~GatewayPolicy.admit` (rate
+limits, once the body is parsed) and, when the answer or the stream ends or the call
+fails, :meth:`~GatewayPolicy.settle` (limit reconciliation, usage records) — the seams
+where inference tables and guardrails plug in too.
 
 Permission levels on serving endpoints (governance §4.6), lowest first: ``CAN_VIEW``
 (get, list, metrics, logs, openapi), ``CAN_QUERY`` (also every query route),
@@ -16,12 +18,21 @@ changeable by none.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from fmserve.errors import PermissionDenied
+from fmserve.errors import PermissionDenied, RequestLimitExceeded, TemporarilyUnavailable
 from fmserve.gateway.directory import Directory, Principal
+from fmserve.gateway.limits import Decision, MemoryLimiter, limits_of, plan_for
+from fmserve.gateway.limits_redis import LimiterUnavailable
+from fmserve.gateway.usage import Demand, Outcome, usage_record
+from fmserve.store.db import now_ms
+from fmserve.store.request_log import RequestLog
+
+log = logging.getLogger("fmserve.gateway")
 
 CAN_VIEW, CAN_QUERY, CAN_MANAGE = "CAN_VIEW", "CAN_QUERY", "CAN_MANAGE"
 LEVELS = (CAN_VIEW, CAN_QUERY, CAN_MANAGE)
@@ -47,6 +58,12 @@ class GovernedEndpoint(Protocol):
     @property
     def user_created(self) -> bool: ...
 
+    @property
+    def ai_gateway(self) -> dict[str, Any] | None: ...
+
+    @property
+    def rate_limits(self) -> list[dict[str, Any]] | None: ...
+
 
 @dataclass(frozen=True)
 class RequestContext:
@@ -65,9 +82,36 @@ class RequestContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Admission:
+    """One request between :meth:`GatewayPolicy.open` and :meth:`GatewayPolicy.settle`."""
+
+    ctx: RequestContext
+    endpoint: GovernedEndpoint
+    started_ms: int
+    streaming: bool
+    demand: Demand | None = None
+    served_entity_id: str | None = None
+    reserved: Any = None  # the limiter holding a reservation, or None
+    settled: bool = False
+
+
 class GatewayPolicy:
-    def __init__(self, directory: Directory) -> None:
+    """Permissions, rate limits and usage tracking around every query.
+
+    ``limiter``: a :class:`~fmserve.gateway.limits.MemoryLimiter` (one process) or a
+    :class:`~fmserve.gateway.limits_redis.RedisLimiter` (replicas). ``request_log``: where
+    usage records go (None: usage tracking off, e.g. in unit tests).
+    """
+
+    def __init__(self, directory: Directory, limiter: Any = None,
+                 request_log: RequestLog | None = None, workspace_id: str = "",
+                 fail_open: bool = False) -> None:
         self.directory = directory
+        self.limiter = limiter if limiter is not None else MemoryLimiter()
+        self.request_log = request_log
+        self.workspace_id = workspace_id
+        self.fail_open = fail_open
 
     # -- permissions -----------------------------------------------------------------
     def level(self, principal: Principal, endpoint: GovernedEndpoint) -> str | None:
@@ -97,17 +141,90 @@ class GatewayPolicy:
                 "with CAN_MANAGE on the endpoint (or a workspace admin) to grant it.")
 
     # -- around every backend call -----------------------------------------------------
-    def admit(self, ctx: RequestContext, endpoint: GovernedEndpoint) -> None:
-        """Before the backend call: may this request run?
+    def open(self, ctx: RequestContext, endpoint: GovernedEndpoint,
+             streaming: bool) -> Admission:
+        """Start governing one request (no checks yet: failures from here on are settled
+        and, with usage tracking, recorded)."""
+        return Admission(replace(ctx, endpoint=endpoint.name), endpoint, now_ms(), streaming)
+
+    def authorize(self, adm: Admission) -> None:
+        """Raises: PermissionDenied (403) without ``CAN_QUERY`` on the endpoint."""
+        self.require(adm.ctx.principal, adm.endpoint, CAN_QUERY)
+
+    async def admit(self, adm: Admission, demand: Demand) -> None:
+        """Rate limits: reserve one call and ``demand.reserve_tokens`` tokens in every
+        bucket the request must fit (``gateway/limits.py``).
 
         Raises:
-            PermissionDenied: 403 without ``CAN_QUERY`` on the endpoint.
+            RequestLimitExceeded: 429 with a true ``Retry-After`` when a bucket is full.
+            TemporarilyUnavailable: 503 when the shared counters are unreachable (unless
+                ``fail_open``).
         """
-        self.require(ctx.principal, endpoint, CAN_QUERY)
+        adm.demand = demand
+        ep = adm.endpoint
+        if not (ep.rate_limits or (ep.ai_gateway or {}).get("rate_limits")):
+            return
+        p = adm.ctx.principal
+        plan = plan_for(limits_of(ep.ai_gateway, ep.rate_limits), ep.id, p.id, p.name, p.kind,
+                        p.group_names)
+        if plan.empty:
+            return
+        tokens = demand.reserve_tokens if plan.counts_tokens else 0
+        try:
+            result = self.limiter.reserve(plan, adm.ctx.request_id, tokens)
+            decision = await result if inspect.isawaitable(result) else result
+        except LimiterUnavailable as exc:
+            if self.fail_open:
+                log.warning("rate limits not enforced (fail open): %s", exc)
+                return
+            raise TemporarilyUnavailable(
+                "Rate limits cannot be checked: the shared rate-limit store is unreachable. "
+                "Retry shortly.", retry_after=2) from None
+        if not decision.admitted:
+            raise _throttled(ep.name, decision, tokens)
+        adm.reserved = self.limiter
 
-    def settle(self, ctx: RequestContext, status: int, usage: Mapping[str, Any] | None) -> None:
-        """After the answer (or the stream's end, or its failure): ``status`` is the HTTP
-        status the client saw, ``usage`` the answer's token counts when known."""
+    async def settle(self, adm: Admission, outcome: Outcome) -> None:
+        """After the answer, the stream's end or a failure: reconcile the token reservation
+        to the real usage (released on failure) and, with usage tracking on, write the
+        usage record to the request log — awaited, so it is durable before the response
+        completes. Idempotent."""
+        if adm.settled:
+            return
+        adm.settled = True
+        if adm.reserved is not None:
+            tin, tout = outcome.tokens(adm.demand)
+            try:
+                r = adm.reserved.settle(adm.ctx.request_id,
+                                        tin + tout if outcome.status < 400 else None)
+                if inspect.isawaitable(r):
+                    await r
+            except LimiterUnavailable as exc:
+                log.warning("rate-limit reservation not reconciled: %s", exc)
+        gw = adm.endpoint.ai_gateway or {}
+        if self.request_log is not None and (gw.get("usage_tracking_config") or {}).get(
+                "enabled"):
+            ctx = adm.ctx
+            await self.request_log.append(usage_record(
+                request_id=ctx.request_id, client_request_id=ctx.client_request_id,
+                workspace_id=self.workspace_id, requester=ctx.principal.name,
+                endpoint=adm.endpoint.name, served_entity_id=adm.served_entity_id,
+                request_time_ms=adm.started_ms, demand=adm.demand, outcome=outcome,
+                usage_context=ctx.usage_context, streaming=adm.streaming))
+
+
+def _throttled(endpoint: str, d: Decision, tokens: int) -> RequestLimitExceeded:
+    b = d.bucket
+    assert b is not None
+    per = f"{b.calls} calls" if d.dimension == "calls" else f"{b.tokens} tokens"
+    if d.retry_after_s is None:
+        return RequestLimitExceeded(
+            f"REQUEST_LIMIT_EXCEEDED: this request reserves {tokens} tokens (prompt plus "
+            f"max_tokens), more than {b.label} of {per} per minute on endpoint '{endpoint}' "
+            "allows; lower max_tokens or shorten the prompt.", retry_after=60)
+    return RequestLimitExceeded(
+        f"REQUEST_LIMIT_EXCEEDED: {b.label} of {per} per minute on endpoint '{endpoint}' "
+        f"is used up; retry in {d.retry_after_s} s.", retry_after=d.retry_after_s)
 
 
 def secret_permission(directory: Directory, principal: Principal, scope: str) -> str | None:

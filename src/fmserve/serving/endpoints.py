@@ -48,6 +48,12 @@ from fmserve.store.db import now_ms
 from fmserve.store.secrets import redact_plaintext
 
 
+def served_entity_id(endpoint_id: str, config_version: int, entity: str) -> str:
+    """The 32-hex id of a served entity in one config version of an endpoint (the
+    ``served_entity_id`` joining ``endpoint_usage`` and ``served_entities``)."""
+    return hashlib.sha256(f"{endpoint_id}:{config_version}:{entity}".encode()).hexdigest()[:32]
+
+
 @dataclass
 class ServedEntity:
     name: str

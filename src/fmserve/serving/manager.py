@@ -53,9 +53,12 @@ from fmserve.serving.endpoints import (
     ServingEndpoint,
     build_entity,
     build_external_entity,
+    served_entity_id,
 )
+from fmserve.store.db import now_ms
 from fmserve.store.endpoints import EndpointRecord, EndpointStore
 from fmserve.store.secrets import SECRET_REF, SecretStore, seal_plaintext
+from fmserve.store.usage import UsageStore
 
 log = logging.getLogger("fmserve.manager")
 
@@ -98,8 +101,10 @@ class EndpointManager:
     def __init__(self, cfg: ServerConfig, store: EndpointStore,
                  registry: EndpointRegistry, secrets: SecretStore,
                  providers: ProviderContext, policy: GatewayPolicy,
-                 identity: Identity) -> None:
+                 identity: Identity, usage: UsageStore, workspace_id: str) -> None:
         self.cfg = cfg
+        self.usage = usage
+        self.workspace_id = workspace_id
         self.policy = policy
         self.identity = identity
         self.secrets = secrets
@@ -170,6 +175,7 @@ class EndpointManager:
                                       {who.id: CAN_MANAGE}, replace=False)
             ep = self._endpoint(rec)
             self.registry.add(ep)
+            await self._record_entities(rec, entities)
             self._rollout(ep, PendingConfig(rec.config_version, entities, routes))
         return ep.as_dict(CAN_MANAGE)
 
@@ -205,6 +211,7 @@ class EndpointManager:
                     f"{ep.pending.version}); wait for it to finish.", error_code="INVALID_STATE")
             rec = await asyncio.to_thread(self.store.update, name, config=_config_dict(config))
             ep.updated_ms = rec.last_updated_timestamp
+            await self._record_entities(rec, entities)
             self._rollout(ep, PendingConfig(rec.config_version, entities, routes))
         return ep.as_dict(self.policy.level(who, ep))
 
@@ -216,6 +223,7 @@ class EndpointManager:
             await asyncio.to_thread(self.store.delete, name)
             self.registry.remove(name)
             await self.identity.write(self.identity.permissions.drop_endpoint, ep.id)
+            await asyncio.to_thread(self.usage.mark_deleted, name, now_ms())
         await self._teardown(ep)
 
     async def patch_tags(self, who: Principal, name: str,
@@ -264,6 +272,25 @@ class EndpointManager:
         resolve from (one written a moment ago by the CLI or another process counts)."""
         if _has_external(config):
             await asyncio.to_thread(self.secrets.refresh)
+
+    async def _record_entities(self, rec: EndpointRecord, entities: list[ServedEntity]) -> None:
+        """A ``served_entities`` row per entity of a new config version (governance §2)."""
+        rows = []
+        for e in entities:
+            ext = e.input.external_model if e.input else None
+            rows.append({
+                "served_entity_id": served_entity_id(rec.id, rec.config_version, e.name),
+                "workspace_id": self.workspace_id, "created_by": rec.creator,
+                "endpoint_name": rec.name, "endpoint_id": rec.id, "served_entity_name": e.name,
+                "entity_type": "EXTERNAL_MODEL" if ext else "FOUNDATION_MODEL",
+                "entity_name": e.entity_name or None, "entity_version": e.entity_version,
+                "endpoint_config_version": rec.config_version, "task": rec.task,
+                "external_model_config": {"provider": ext.provider, "name": ext.name,
+                                          "task": ext.task} if ext else None,
+                "foundation_model_config": None if ext else {
+                    "entity_name": e.entity_name, "entity_version": e.entity_version},
+                "change_time": rec.last_updated_timestamp, "endpoint_delete_time": None})
+        await asyncio.to_thread(self.usage.record_entities, rows)
 
     def _managed(self, who: Principal, name: str) -> ServingEndpoint:
         """A user endpoint the caller may change.

@@ -29,9 +29,11 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import orjson
 
 from fmserve.errors import FmserveError, InvalidParameterValue
-from fmserve.gateway.policy import GatewayPolicy, RequestContext
+from fmserve.gateway.policy import Admission, GatewayPolicy, RequestContext
+from fmserve.gateway.usage import Demand, Outcome
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.schemas import preload, unchecked_schemas
@@ -43,6 +45,7 @@ from fmserve.serving.endpoints import (
     EndpointRegistry,
     ServedEntity,
     ServingEndpoint,
+    served_entity_id,
 )
 
 Body = dict[str, Any]
@@ -71,9 +74,10 @@ def _kind_of(body: Body, task: str) -> str:
 
 class QueryService:
     def __init__(self, registry: EndpointRegistry, policy: GatewayPolicy,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, default_max_tokens: int = 4096) -> None:
         self.registry = registry
         self.policy = policy
+        self.default_max_tokens = default_max_tokens
         self.rng = rng or random.Random()
 
     # -- routing -------------------------------------------------------------
@@ -102,12 +106,7 @@ class QueryService:
     # -- entry points ----------------------------------------------------------
     async def invocations(self, ctx: RequestContext, name: str, body: Body,
                           served_model: str | None = None) -> Result:
-        ep = self.registry.get(name)
-        self.policy.admit(ctx, ep)
-        if served_model:
-            ep.entity(served_model)  # 404 for an unknown served entity first
-        kind = _kind_of(body, ep.task)
-        return await self._dispatch(ctx, kind, name, body, served_model, admitted=True)
+        return await self._dispatch(ctx, None, name, body, served_model)
 
     async def chat(self, ctx: RequestContext, body: Body) -> Result:
         return await self._dispatch(ctx, "chat", _model(body), body, None)
@@ -127,42 +126,79 @@ class QueryService:
         return [ep for ep in self.registry.all()
                 if self.policy.allows(ctx.principal, ep, "CAN_QUERY")]
 
-    async def _dispatch(self, ctx: RequestContext, kind: str, name: str, body: Body,
-                        served_model: str | None, admitted: bool = False) -> Result:
+    async def _dispatch(self, ctx: RequestContext, kind: str | None, name: str, body: Body,
+                        served_model: str | None) -> Result:
+        """Find the endpoint (404), then under the gateway policy: permission (403), the
+        body (400), rate limits (429), the backend — with 5xx fallback to the other
+        served entities — and the settlement of every outcome."""
         ep = self.registry.get(name)
-        if not admitted:
-            self.policy.admit(ctx, ep)
-        self._check_task(ep, kind)
-        req: Any
-        run: Any
-        if kind == "chat":
-            req, run = parse_model(ChatCompletionRequest, body), self._chat
-        elif kind == "completions":
-            req, run = parse_model(CompletionRequest, body), self._complete
+        adm = self.policy.open(ctx, ep, streaming=body.get("stream") is True)
+        try:
+            self.policy.authorize(adm)
+            if served_model:
+                ep.entity(served_model)  # 404 for an unknown served entity
+            kind = kind or _kind_of(body, ep.task)
+            self._check_task(ep, kind)
+            req: Any
+            run: Any
+            if kind == "chat":
+                req, run = parse_model(ChatCompletionRequest, body), self._chat
+            elif kind == "completions":
+                req, run = parse_model(CompletionRequest, body), self._complete
+            else:
+                req, run = parse_model(EmbeddingsRequest, body), self._embed
+            adm.ctx = replace(adm.ctx, client_request_id=req.client_request_id,
+                              usage_context=req.usage_context)
+            await self.policy.admit(adm, self._demand(kind, req, ep))
+            entity, out = await self._call(ep, served_model, adm, run, req)
+        except FmserveError as exc:
+            await self.policy.settle(adm, Outcome(exc.status_code))
+            raise
+        except asyncio.CancelledError:  # the client went away: settle in the background
+            _background(self.policy.settle(adm, Outcome(499)))
+            raise
+        if isinstance(out, dict):
+            await self.policy.settle(adm, Outcome(200, out.get("usage"), _output_chars(out)))
         else:
-            req, run = parse_model(EmbeddingsRequest, body), self._embed
-        ctx = replace(ctx, endpoint=ep.name, client_request_id=req.client_request_id,
-                      usage_context=req.usage_context)
+            out = _settled(out, self.policy, adm)
+        return entity.name, out, getattr(req, "response_headers", {})
+
+    async def _call(self, ep: ServingEndpoint, served_model: str | None, adm: Admission,
+                    run: Any, req: Any) -> tuple[ServedEntity, Body | AsyncIterator[Body]]:
         last: FmserveError | None = None
         for entity in self._candidates(ep, served_model):
-            at = replace(ctx, served_entity=entity.name)
+            adm.ctx = replace(adm.ctx, served_entity=entity.name)
+            adm.served_entity_id = served_entity_id(ep.id, ep.config_version, entity.name)
             try:
                 entity.backend.before_request()
-                out = await run(ep, entity, req)
+                return entity, await run(ep, entity, req)
             except FmserveError as exc:
                 if exc.status_code < 500:
-                    self.policy.settle(at, exc.status_code, None)
                     raise
                 last = exc
-                continue
-            if isinstance(out, dict):
-                self.policy.settle(at, 200, out.get("usage"))
-            else:
-                out = _settled(out, self.policy, at)
-            return entity.name, out, getattr(req, "response_headers", {})
         assert last is not None
-        self.policy.settle(ctx, last.status_code, None)
         raise last
+
+    def _demand(self, kind: str, req: Any, ep: ServingEndpoint) -> Demand:
+        """What the request may use. With a tokens limit and no ``max_tokens``, the request
+        gets the server's default (``FMSERVE_MAX_TOKENS_DEFAULT``) so that the reservation
+        bounds the answer."""
+        if kind == "embeddings":
+            texts = req.input if isinstance(req.input, list) else [req.input]
+            chars = sum(len(t) for t in texts if isinstance(t, str))
+            return Demand(chars, _bytes(texts) + 8 * len(texts), False)
+        if kind == "chat":
+            chars = sum(_text_chars(m.content) for m in req.messages)
+            prompt = _bytes([m.model_dump(exclude_none=True) for m in req.messages]) + \
+                _bytes(req.tools or []) + _bytes(req.response_format or {}) + 64
+        else:
+            chars = sum(len(p) for p in (req.prompt if isinstance(req.prompt, list)
+                                         else [req.prompt]) if isinstance(p, str))
+            prompt = _bytes(req.prompt) + 16
+        cap = req.max_completion_tokens or req.max_tokens
+        if cap is None and _has_token_limit(ep):
+            cap = req.max_tokens = self.default_max_tokens
+        return Demand(chars, prompt + (cap or self.default_max_tokens) * req.n, req.stream)
 
     # -- kinds -----------------------------------------------------------------
     async def _chat(self, ep: ServingEndpoint, entity: ServedEntity,
@@ -232,14 +268,17 @@ async def _stamp(chunks: AsyncIterator[Body], head: Body) -> AsyncIterator[Body]
 
 
 async def _settled(chunks: AsyncIterator[Body], policy: GatewayPolicy,
-                   ctx: RequestContext) -> AsyncIterator[Body]:
-    """The stream, then :meth:`GatewayPolicy.settle` with the last ``usage`` seen and the
-    outcome (200, the error's status, or 499 when the client went away)."""
+                   adm: Admission) -> AsyncIterator[Body]:
+    """The stream, then :meth:`GatewayPolicy.settle` with the last ``usage`` seen, the
+    characters streamed and the outcome (200, the error's status, or 499 when the client
+    went away) — before the stream ends, so a usage record is durable before ``[DONE]``."""
     usage = None
     status = 499
+    chars = 0
     try:
         async for chunk in chunks:
             usage = chunk.get("usage") or usage
+            chars += _output_chars(chunk)
             yield chunk
         status = 200
     except FmserveError as exc:
@@ -247,7 +286,45 @@ async def _settled(chunks: AsyncIterator[Body], policy: GatewayPolicy,
         raise
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
-        policy.settle(ctx, status, usage)
+        await policy.settle(adm, Outcome(status, usage, chars))
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") if isinstance(p, dict) else
+                   len(getattr(p, "text", None) or "") for p in content)
+    return 0
+
+
+def _bytes(value: Any) -> int:
+    """UTF-8 bytes of the JSON form: an upper bound on its tokens (byte-level BPE never
+    makes a token of less than a byte)."""
+    return len(orjson.dumps(value, default=str))
+
+
+def _has_token_limit(ep: ServingEndpoint) -> bool:
+    return any(lim.get("tokens") is not None
+               for lim in [*((ep.ai_gateway or {}).get("rate_limits") or []),
+                           *(ep.rate_limits or [])])
+
+
+def _output_chars(body: Body) -> int:
+    n = 0
+    for choice in body.get("choices") or []:
+        msg = choice.get("message") or choice.get("delta") or {}
+        n += _text_chars(msg.get("content")) + len(choice.get("text") or "")
+    return n
+
+
+_PENDING: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Any) -> None:
+    task = asyncio.ensure_future(work)
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
 
 
 async def _primed(stream: AsyncIterator[Body]) -> AsyncIterator[Body]:
