@@ -32,6 +32,12 @@ Cases, each ``--duration`` seconds after a short warm-up, non-streaming unless s
 Prints a rich table, then fmserve's targets with pass/fail: req/s @N >= MLflow's in the
 same run, twice; added p50 <= 0.3 ms (wrk and the openai SDK); server process RSS
 <= 150 MB.
+
+Then the cost of OAuth: fmserve is loaded with the first admin's PAT and with an OAuth
+access token of a service principal in ``admins`` (minted by ``/oidc/v1/token``, so the
+permission checks are the same), alternating, ``--auth-rounds`` times each: median added
+p50 @1 and req/s @N per credential. Target: no measurable difference (within 0.05 ms p50
+and 5 % req/s). ``--auth-compare`` runs only this comparison (and the direct p50).
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 TARGET_ADDED_P50_MS = 0.3
 TARGET_RPS_VS_MLFLOW = 2.0
 TARGET_RSS_MB = 150.0
+TARGET_AUTH_P50_MS = 0.05  # OAuth vs PAT
+TARGET_AUTH_RPS = 0.05
 VENVS = {"litellm": ("litellm-venv", ["litellm[proxy]"], "litellm"),
          "mlflow": ("mlflow-venv", ["mlflow[gateway]"], "mlflow")}
 
@@ -253,6 +261,12 @@ def start_fmserve(tmp: Path, upstream: str, install: bool) -> Gateway:
     except Exception:
         stop_server(srv)
         raise
+    try:
+        oauth = _oauth_headers(srv.url, srv.headers)
+    except Exception:
+        stop_server(srv)
+        raise
+
     def stop() -> None:
         srv.proc.terminate()  # SIGINT is ignored when the benchmark runs in the background
         try:
@@ -262,7 +276,32 @@ def start_fmserve(tmp: Path, upstream: str, install: bool) -> Gateway:
 
     from fmserve import __version__
     return Gateway("fmserve", "1", srv.url + "/serving-endpoints/chat/completions",
-                   srv.headers, _chat_body(name), srv.proc.pid, stop, __version__)
+                   srv.headers, _chat_body(name), srv.proc.pid, stop, __version__,
+                   extra={"oauth_headers": oauth})
+
+
+def _oauth_headers(url: str, admin: dict[str, str]) -> dict[str, str]:
+    """``Authorization`` with an OAuth access token of a new service principal in
+    ``admins`` (like the PAT's owner, so only authentication differs)."""
+    scim = "/api/2.0/preview/scim/v2"
+    with httpx.Client(base_url=url, headers=admin, timeout=30) as c:
+        admins = c.get(f"{scim}/Groups", params={"filter": 'displayName eq "admins"'})
+        admins_id = admins.json()["Resources"][0]["id"]
+        r = c.post(f"{scim}/ServicePrincipals", json={"displayName": "bench-oauth",
+                                                      "groups": [{"value": admins_id}]})
+        if r.status_code != 201:
+            raise RuntimeError(f"creating the service principal: HTTP {r.status_code} {r.text}")
+        sp = r.json()
+        r = c.post(f"/api/2.0/accounts/servicePrincipals/{sp['id']}/credentials/secrets",
+                   json={})
+        if r.status_code != 200:
+            raise RuntimeError(f"creating its secret: HTTP {r.status_code} {r.text}")
+        secret = r.json()["secret"]
+    r = httpx.post(f"{url}/oidc/v1/token", data={"grant_type": "client_credentials"},
+                   auth=(sp["applicationId"], secret), timeout=30)
+    if r.status_code != 200:
+        raise RuntimeError(f"/oidc/v1/token: HTTP {r.status_code} {r.text}")
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
 def start_litellm(tmp: Path, upstream: str, install: bool) -> Gateway:
@@ -421,6 +460,64 @@ def measure(name: str, version: str, workers: str, url: str, headers: dict[str, 
     return row
 
 
+@dataclass
+class AuthRow:
+    credential: str
+    rps: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def measure_auth(gw: Gateway, args: argparse.Namespace, tmp: Path) -> list[AuthRow]:
+    """PAT and OAuth token, alternating (so drift hits both alike), ``--auth-rounds``
+    times: req/s @N and p50 @1 with each."""
+    creds = [("PAT", gw.headers), ("OAuth token", gw.extra["oauth_headers"])]
+    rows = [AuthRow(name) for name, _ in creds]
+    for _, headers in creds:  # both must work; warm both caches
+        check(Gateway(**{**gw.__dict__, "headers": headers}))
+        wrk(gw.url, headers, gw.body(False), args.conns, 2, tmp)
+    console.print(f"[bold]fmserve auth[/bold]: PAT vs OAuth token, {args.auth_rounds} rounds ...")
+    for i in range(args.auth_rounds):
+        order = list(zip(rows, creds, strict=True))
+        for row, (_, headers) in order if i % 2 == 0 else order[::-1]:
+            r = wrk(gw.url, headers, gw.body(False), args.conns, args.duration, tmp)
+            lat = wrk(gw.url, headers, gw.body(False), 1, args.duration, tmp)
+            row.rps.append(r["rps"])
+            row.p50_ms.append(lat["p50_us"] / 1000)
+            row.errors += sum(x["status_errors"] + x["socket_errors"] for x in (r, lat))
+    return rows
+
+
+def report_auth(rows: list[AuthRow], direct_p50_ms: float, args: argparse.Namespace) -> None:
+    import statistics
+
+    t = Table(title=f"fmserve: PAT vs OAuth access token — median of {args.auth_rounds} "
+                    f"alternating rounds, {args.duration:.0f} s per case")
+    for col in ("credential", f"req/s @{args.conns}", "p50 @1 (ms)", "added p50 (ms)",
+                "rounds req/s", "rounds p50", "errors"):
+        t.add_column(col, justify="left" if col == "credential" else "right")
+    med = {}
+    for r in rows:
+        rps, p50 = statistics.median(r.rps), statistics.median(r.p50_ms)
+        med[r.credential] = (rps, p50)
+        t.add_row(r.credential, f"{rps:,.0f}", f"{p50:.3f}", f"{p50 - direct_p50_ms:+.3f}",
+                  " ".join(f"{x:,.0f}" for x in r.rps), " ".join(f"{x:.3f}" for x in r.p50_ms),
+                  str(r.errors))
+    console.print(t)
+    (pat_rps, pat_p50), (oa_rps, oa_p50) = med["PAT"], med["OAuth token"]
+    dp50, drps = oa_p50 - pat_p50, (oa_rps - pat_rps) / pat_rps
+
+    def verdict(ok: bool) -> str:
+        return "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+
+    console.print(f"  OAuth vs PAT added p50 @1 within {TARGET_AUTH_P50_MS} ms: {dp50:+.3f} ms  "
+                  f"{verdict(abs(dp50) <= TARGET_AUTH_P50_MS)}")
+    console.print(f"  OAuth vs PAT req/s @{args.conns} within {TARGET_AUTH_RPS:.0%}: "
+                  f"{drps:+.1%}  {verdict(abs(drps) <= TARGET_AUTH_RPS)}")
+    if any(r.errors for r in rows):
+        console.print("  [red]fmserve answered requests with errors[/red]")
+
+
 def report(rows: list[Row], args: argparse.Namespace) -> None:
     base = rows[0]
     t = Table(title=f"Gateway overhead — same upstream, wrk, {args.duration:.0f} s per case, "
@@ -478,7 +575,13 @@ def main() -> None:
     ap.add_argument("--no-install", action="store_true",
                     help="fail instead of creating the LiteLLM/MLflow venvs under .bench/")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
+    ap.add_argument("--auth-rounds", type=int, default=3,
+                    help="alternating PAT/OAuth rounds in the auth comparison")
+    ap.add_argument("--auth-compare", action="store_true",
+                    help="only fmserve with a PAT vs an OAuth token (and the direct p50)")
     args = ap.parse_args()
+    if args.auth_compare:
+        args.gateways = "fmserve"
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     names = [n.strip() for n in args.gateways.split(",") if n.strip()]
@@ -496,19 +599,30 @@ def main() -> None:
                             "--port", str(port)], up_log, _env(), tmp)
     upstream = f"http://127.0.0.1:{port}"
     rows: list[Row] = []
+    auth_rows: list[AuthRow] = []
+    direct_p50 = 0.0
     try:
         _wait_ready(upstream_proc, up_log,
                     lambda: httpx.get(upstream + "/v1/models", timeout=2).status_code == 200,
                     "fake upstream", 30)
-        rows.append(measure("direct (upstream)", "", "1", upstream + "/v1/chat/completions",
-                            {"Authorization": "Bearer sk-bench"}, _chat_body(MODEL), None,
-                            args, tmp))
+        direct = (upstream + "/v1/chat/completions", {"Authorization": "Bearer sk-bench"})
+        if args.auth_compare:
+            wrk(*direct, _chat_body(MODEL)(False), 1, 2, tmp)
+            direct_p50 = wrk(*direct, _chat_body(MODEL)(False), 1, args.duration,
+                             tmp)["p50_us"] / 1000
+        else:
+            rows.append(measure("direct (upstream)", "", "1", *direct, _chat_body(MODEL),
+                                None, args, tmp))
+            direct_p50 = rows[0].p50_ms
         for n in names:
             gw = STARTERS[n](tmp, upstream, not args.no_install)
             try:
                 check(gw)
-                rows.append(measure(gw.name, gw.version, gw.workers, gw.url, gw.headers,
-                                    gw.body, gw.pid, args, tmp))
+                if not args.auth_compare:
+                    rows.append(measure(gw.name, gw.version, gw.workers, gw.url, gw.headers,
+                                        gw.body, gw.pid, args, tmp))
+                if "oauth_headers" in gw.extra:
+                    auth_rows = measure_auth(gw, args, tmp)
             finally:
                 gw.stop()
     finally:
@@ -517,7 +631,10 @@ def main() -> None:
             console.print(f"logs in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    report(rows, args)
+    if rows:
+        report(rows, args)
+    if auth_rows:
+        report_auth(auth_rows, direct_p50, args)
 
 
 if __name__ == "__main__":
