@@ -247,6 +247,10 @@ def test_token_refusals(gw: Server) -> None:
          "invalid_request"),
         ("secret in URL", {"data": grant, "params": {"client_secret": secret},
                            "auth": (cid, secret)}, 400, "invalid_request"),
+        ("malformed Basic", {"data": grant, "headers": {"Authorization": "Basic !"}}, 401,
+         "invalid_client"),
+        ("not UTF-8", {"content": b"grant_type=%ff", "auth": (cid, secret), "headers": {
+            "Content-Type": "application/x-www-form-urlencoded"}}, 400, "invalid_request"),
     ]
     for what, kw, status, error in cases:
         r = httpx.post(f"{gw.url}/oidc/v1/token", timeout=30, **kw)
@@ -355,8 +359,10 @@ def test_secrets_proxy_through_the_sdk(gw: Server) -> None:
     ids = [str(m.id) for m in more]
     with gw.client() as c:
         page = c.get(SECRETS.format(sp["id"]), params={"page_size": 2}).json()
-    assert len(page["secrets"]) == 2 and page["next_page_token"]
-    assert "secret" not in page["secrets"][0]
+        assert len(page["secrets"]) == 2 and page["next_page_token"]
+        assert "secret" not in page["secrets"][0]
+        bad_page = c.get(SECRETS.format(sp["id"]), params={"page_token": "nope"})
+        assert bad_page.json()["error_code"] == "INVALID_PARAMETER_VALUE"
     listed = [s.id for s in api.list(sp["id"], page_size=2)]  # the SDK's loop ends
     assert listed == [made.id, by_app.id, *ids]
     api.delete(sp["id"], ids[0])

@@ -109,8 +109,7 @@ async def _form(request: Request) -> dict[str, str]:
         if len(raw) > _MAX_BODY:
             raise OAuthError("invalid_request", "The token request body is too large.")
     try:
-        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True,
-                          strict_parsing=bool(raw), errors="strict")
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise OAuthError("invalid_request", "Malformed form body.") from None
     form: dict[str, str] = {}
