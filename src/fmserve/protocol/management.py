@@ -221,25 +221,64 @@ class EndpointTagInput(BaseModel):
     value: str | None = None
 
 
-class RateLimitInput(_Lenient):
-    calls: int | None = Field(default=None, ge=0)
-    tokens: int | None = Field(default=None, ge=0)
+class RateLimitInput(BaseModel):
+    """``AiGatewayRateLimit`` (governance §1.2): ``calls`` and/or ``tokens`` (≥ 1) per
+    ``renewal_period`` ``minute`` for a ``key``; ``principal`` names the user (email),
+    service principal (application id) or group of a custom limit — never with ``key:
+    endpoint``; required for ``user_group`` and ``service_principal``."""
+
+    model_config = ConfigDict(extra="forbid")
+    calls: int | None = Field(default=None, ge=1)
+    tokens: int | None = Field(default=None, ge=1)
     renewal_period: Literal["minute"] = "minute"
     key: Literal["endpoint", "user", "user_group", "service_principal"] | None = None
-    principal: str | None = None
+    principal: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _combination(self) -> RateLimitInput:
+        if self.calls is None and self.tokens is None:
+            raise ValueError("a rate limit needs 'calls' or 'tokens' (or both)")
+        if self.principal is not None and (self.key or "endpoint") == "endpoint":
+            raise ValueError("'principal' cannot be set on a rate limit with key 'endpoint'")
+        if self.principal is None and self.key in ("user_group", "service_principal"):
+            raise ValueError(f"a rate limit with key '{self.key}' needs 'principal'")
+        return self
+
+
+MAX_RATE_LIMITS = 20  # Databricks: at most 20 rate limits per endpoint, 5 of them for groups
+MAX_GROUP_RATE_LIMITS = 5
+
+
+def _check_limit_counts(limits: list[RateLimitInput] | None) -> list[RateLimitInput] | None:
+    if limits is not None:
+        if len(limits) > MAX_RATE_LIMITS:
+            raise ValueError(f"at most {MAX_RATE_LIMITS} rate limits per endpoint")
+        if sum(1 for lim in limits if lim.key == "user_group") > MAX_GROUP_RATE_LIMITS:
+            raise ValueError(f"at most {MAX_GROUP_RATE_LIMITS} group rate limits per endpoint")
+    return limits
+
+
+class UsageTrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool | None = None
 
 
 class AiGatewayInput(_Lenient):
-    """``PUT …/{name}/ai-gateway`` body, stored and returned as given. Of its parts only
-    ``fallback_config`` acts today (``serving/query.py``: on a 5xx the other served
-    entities are tried); usage tracking, inference tables, rate limits and guardrails
-    are accepted and echoed, not enforced."""
+    """``PUT …/{name}/ai-gateway`` body, stored and returned as given. Enforced:
+    ``fallback_config`` (``serving/query.py``: on a 5xx the other served entities are
+    tried), ``rate_limits`` and ``usage_tracking_config`` (``gateway/``); inference tables
+    and guardrails are accepted and echoed, not enforced yet."""
 
-    usage_tracking_config: dict[str, Any] | None = None
+    usage_tracking_config: UsageTrackingConfig | None = None
     inference_table_config: dict[str, Any] | None = None
     rate_limits: list[RateLimitInput] | None = None
     guardrails: dict[str, Any] | None = None
     fallback_config: dict[str, Any] | None = None
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _counts(cls, v: list[RateLimitInput] | None) -> list[RateLimitInput] | None:
+        return _check_limit_counts(v)
 
 
 class CreateServingEndpoint(_Lenient):
@@ -268,4 +307,18 @@ class PatchTags(_Lenient):
 
 
 class PutRateLimits(_Lenient):
+    """Legacy ``PUT …/rate-limits`` (``RateLimit``: ``calls`` required, ``key`` ``user`` or
+    ``endpoint``)."""
+
     rate_limits: list[RateLimitInput] = []
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _legacy(cls, v: list[RateLimitInput]) -> list[RateLimitInput]:
+        for lim in v:
+            if lim.calls is None or lim.tokens is not None or lim.principal is not None or \
+                    (lim.key or "endpoint") not in ("endpoint", "user"):
+                raise ValueError("a legacy rate limit is {calls, renewal_period, key} with key "
+                                 "'user' or 'endpoint'; use the AI Gateway for token, group "
+                                 "or principal limits")
+        return _check_limit_counts(v) or []

@@ -57,6 +57,7 @@ from fmserve.serving.endpoints import (
 )
 from fmserve.store.db import now_ms
 from fmserve.store.endpoints import EndpointRecord, EndpointStore
+from fmserve.store.principals import GROUP, SERVICE_PRINCIPAL, USER
 from fmserve.store.secrets import SECRET_REF, SecretStore, seal_plaintext
 from fmserve.store.usage import UsageStore
 
@@ -155,6 +156,8 @@ class EndpointManager:
             # *_plaintext credentials are encrypted before anything stores them.
             body = {**body, "config": seal_plaintext(body["config"], self.secrets)}
         req = parse_model(CreateServingEndpoint, body)
+        self._check_limit_principals([*((req.ai_gateway.rate_limits or [])
+                                        if req.ai_gateway else []), *(req.rate_limits or [])])
         existing = self.registry.find(req.name)
         if existing is not None:
             raise ResourceAlreadyExists(f"Endpoint with name '{req.name}' already exists.")
@@ -244,7 +247,9 @@ class EndpointManager:
                              body: dict[str, Any]) -> dict[str, Any]:
         """``PUT …/{name}/ai-gateway``: the stored AI Gateway config."""
         ep = self._managed(who, name)
-        gw = parse_model(AiGatewayInput, body).model_dump(exclude_none=True)
+        parsed = parse_model(AiGatewayInput, body)
+        self._check_limit_principals(parsed.rate_limits or [])
+        gw = parsed.model_dump(exclude_none=True)
         async with self._lock:
             await self._save(ep, ai_gateway=gw)
         return gw
@@ -305,6 +310,20 @@ class EndpointManager:
                 f"Endpoint '{name}' is a built-in pay-per-token endpoint and cannot be changed.")
         self.policy.require(who, ep, CAN_MANAGE)
         return ep
+
+    def _check_limit_principals(self, limits: list[Any]) -> None:
+        """Raises InvalidParameterValue (400) for a rate limit whose ``principal`` names no
+        user, service principal or group."""
+        kinds = {"user": USER, "service_principal": SERVICE_PRINCIPAL, "user_group": GROUP}
+        for i, lim in enumerate(limits):
+            if lim.principal is None:
+                continue
+            kind = kinds[lim.key or "user"]
+            if self.identity.directory.find(kind, lim.principal) is None:
+                what = {USER: "user", SERVICE_PRINCIPAL: "service principal (application id)",
+                        GROUP: "group"}[kind]
+                raise InvalidParameterValue(
+                    f"rate_limits[{i}].principal: no {what} named '{lim.principal}'.")
 
     def _check_secret_refs(self, who: Principal, config: dict[str, Any]) -> None:
         """Raises PermissionDenied (403) when the config references a secret in a scope the

@@ -133,6 +133,9 @@ class QueryService:
         served entities — and the settlement of every outcome."""
         ep = self.registry.get(name)
         adm = self.policy.open(ctx, ep, streaming=body.get("stream") is True)
+        cid = body.get("client_request_id")
+        if isinstance(cid, str):  # known even when the body turns out invalid
+            adm.ctx = replace(adm.ctx, client_request_id=cid[:128])
         try:
             self.policy.authorize(adm)
             if served_model:
