@@ -575,7 +575,7 @@ def main() -> None:
     ap.add_argument("--no-install", action="store_true",
                     help="fail instead of creating the LiteLLM/MLflow venvs under .bench/")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
-    ap.add_argument("--auth-rounds", type=int, default=3,
+    ap.add_argument("--auth-rounds", type=int, default=5,
                     help="alternating PAT/OAuth rounds in the auth comparison")
     ap.add_argument("--auth-compare", action="store_true",
                     help="only fmserve with a PAT vs an OAuth token (and the direct p50)")
