@@ -83,6 +83,10 @@ def serve(
              "models and user endpoints only; no model is loaded).")] = True,
     access_log: Annotated[bool, typer.Option(
         help="Log one line per HTTP request (costs CPU on every request).")] = False,
+    redis_url: Annotated[str | None, typer.Option(
+        "--redis-url", envvar="FMSERVE_REDIS_URL",
+        help="Redis for rate-limit counters shared by replicas (default: in this "
+             "process).")] = None,
 ) -> None:
     """Start the server with the bundled pay-per-token endpoints."""
     import uvicorn
@@ -91,6 +95,8 @@ def serve(
 
     cfg = ServerConfig(host=host, port=port, data_dir=data_dir or default_data_dir(),
                        database_url=database_url, bundled=bundled)
+    if redis_url:
+        cfg.redis_url = redis_url
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     token = _bootstrap(cfg, force_token=False,
