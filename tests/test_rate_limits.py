@@ -4,7 +4,9 @@ counters): every precedence rule of governance §1.3, calls and tokens, streams,
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Server, create_external, start_server, stop_server, wait_for
+from conftest import Server, create_external, fmserve_cmd, start_server, stop_server, wait_for
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
 from fakes import openai as fake_openai
@@ -285,3 +287,9 @@ def test_usage_rows_for_every_request(srv: Server, fake: FakeServer) -> None:
     assert ok["served_entity_id"] in {e["served_entity_id"] for e in entities}
     metrics = httpx.get(f"{srv.url}/metrics").text
     assert 'fmserve_rate_limited_total{endpoint="rl-usage"} 1.0' in metrics
+    out = subprocess.run([*fmserve_cmd(), "usage", "--data-dir", str(srv.data_dir),
+                          "--endpoint", "rl-usage"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "250"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if u.name in ln)
+    assert "rl-usage" in line and " 6 " in line and " 1 " in line  # 6 requests, 1 429
