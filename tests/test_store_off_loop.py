@@ -215,3 +215,41 @@ def test_concurrent_tag_patches_all_land(cfg: ServerConfig) -> None:
         _ok(await client.delete(f"{ep}/tags"))
 
     asyncio.run(_with(cfg, main))
+
+
+def test_identity_calls_run_off_the_loop(cfg: ServerConfig) -> None:
+    """SCIM, permissions, service-principal secrets and the token endpoint make their store
+    calls in worker threads; authenticating a seen PAT or an OAuth token reads none."""
+    async def main(client: httpx.AsyncClient, fm: Any, gate: Gate) -> None:
+        scim = "/api/2.0/preview/scim/v2"
+        user = await _held(gate, client, lambda: client.post(
+            f"{scim}/Users", json={"userName": "off@example.com"}))
+        assert user.status_code == 201, user.text
+        sp = await _held(gate, client, lambda: client.post(
+            f"{scim}/ServicePrincipals", json={"displayName": "off-bot"}))
+        assert sp.status_code == 201, sp.text
+        group = await _held(gate, client, lambda: client.post(
+            f"{scim}/Groups", json={"displayName": "off-g",
+                                    "members": [{"value": user.json()["id"]}]}))
+        assert group.status_code == 201, group.text
+        patched = await _held(gate, client, lambda: client.patch(
+            f"{scim}/Groups/{group.json()['id']}", json={"Operations": [
+                {"op": "add", "path": "members", "value": [{"value": sp.json()["id"]}]}]}))
+        assert patched.status_code in (200, 204), patched.text
+        sid = sp.json()["id"]
+        secret = _ok(await _held(gate, client, lambda: client.post(
+            f"/api/2.0/accounts/servicePrincipals/{sid}/credentials/secrets", json={})))
+        minted = await _held(gate, client, lambda: client.post(
+            "/oidc/v1/token", data={"grant_type": "client_credentials", "scope": "all-apis"},
+            auth=(sp.json()["applicationId"], secret["secret"])))
+        assert minted.status_code == 200, minted.text
+        # Authenticating reads no database: a PAT seen before, and an OAuth access token.
+        gate.arm()
+        listed = await client.get("/api/2.0/serving-endpoints")
+        oauth = await client.get("/api/2.0/serving-endpoints", headers={
+            "Authorization": f"Bearer {minted.json()['access_token']}"})
+        assert gate.threads == [], "authentication read the database"
+        gate.release()
+        assert listed.status_code == 200 and oauth.status_code == 200, oauth.text
+
+    asyncio.run(_with(cfg, main))
