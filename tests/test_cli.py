@@ -18,24 +18,37 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           env={**os.environ, **(env or {})}, timeout=120)
 
 
-def test_tokens_create_list_revoke(tmp_path: Path) -> None:
-    env = {"FMSERVE_HOME": str(tmp_path)}
-    made = cli("tokens", "create", "--comment", "ci robot", env=env)
+def test_admin_token_and_tokens_commands(tmp_path: Path, gateway: Server) -> None:
+    """``fmserve admin-token`` works on a data dir; ``fmserve tokens`` is an API client."""
+    made = cli("admin-token", "--comment", "ci robot", env={"FMSERVE_HOME": str(tmp_path)})
+    assert made.returncode == 0, made.stderr
+    boot = made.stdout.strip().splitlines()[-1]
+    assert boot.startswith("dapi") and len(boot) == 36
+    db = sqlite3.connect(tmp_path / "fmserve.db")  # only the hash is stored
+    dump = "\n".join(db.iterdump())
+    db.close()
+    assert boot not in dump and "admin@fmserve.local" in dump
+
+    env = {"DATABRICKS_HOST": gateway.url, "DATABRICKS_TOKEN": gateway.token,
+           "COLUMNS": "200"}
+    made = cli("tokens", "create", "--comment", "ci robot", "--lifetime-seconds", "600",
+               env=env)
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip().splitlines()[-1]
     assert token.startswith("dapi") and len(token) == 36
-    listed = cli("tokens", "list", env=env)
-    assert "ci robot" in listed.stdout and "active" in listed.stdout
-    assert token not in listed.stdout
-    # Only the hash is stored.
-    db = sqlite3.connect(tmp_path / "fmserve.db")
-    dump = "\n".join(db.iterdump())
-    db.close()
-    assert token not in dump
     token_id = made.stderr.split("Created token ")[1].split(".")[0]
+    listed = cli("tokens", "list", env=env)
+    assert "ci robot" in listed.stdout and token_id in listed.stdout
+    assert token not in listed.stdout
+    everyone = cli("tokens", "list", "--all", env=env)
+    assert token_id in everyone.stdout and "admin@fmserve.local" in everyone.stdout
+    assert httpx.get(f"{gateway.url}/api/2.0/token/list",
+                     headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert cli("tokens", "revoke", token_id, env=env).returncode == 0
-    assert "revoked" in cli("tokens", "list", env=env).stdout
-    assert cli("tokens", "revoke", "nope", env=env).returncode == 1
+    assert httpx.get(f"{gateway.url}/api/2.0/token/list",
+                     headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    gone = cli("tokens", "delete", "nope", env=env)
+    assert gone.returncode == 1 and "RESOURCE_DOES_NOT_EXIST" in gone.stderr
 
 
 def test_query_and_endpoints_list(server: Server) -> None:
@@ -55,7 +68,7 @@ def test_query_and_endpoints_list(server: Server) -> None:
     assert missing.returncode == 1 and "RESOURCE_DOES_NOT_EXIST" in missing.stderr
     no_token = cli("endpoints", "list", env={"DATABRICKS_HOST": server.url,
                                              "DATABRICKS_TOKEN": ""})
-    assert no_token.returncode == 2 and "fmserve tokens create" in no_token.stderr
+    assert no_token.returncode == 2 and "fmserve admin-token" in no_token.stderr
 
 
 def test_first_serve_prints_an_admin_token_once() -> None:
