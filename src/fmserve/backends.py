@@ -65,6 +65,13 @@ class Backend:
     def describe(self) -> dict[str, Any]:
         return {}
 
+    async def prompt_tokens(self, req: ChatCompletionRequest | CompletionRequest
+                            ) -> int | None:
+        """The request's prompt length in this entity's tokens (all distinct prompts),
+        or None where it cannot be counted here (external models: the gateway then
+        reserves an upper bound). Called before admission."""
+        return None
+
     def _unsupported(self, what: str) -> InvalidParameterValue:
         return InvalidParameterValue(f"{what} is not supported by served entity '{self.name}'.")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from fmserve.engines.grammar import GrammarCompiler, GrammarError, Mask
 from fmserve.engines.logprobs import LogprobReader
-from fmserve.engines.reasoning import think_prompt
+from fmserve.engines.prompt_tokens import PromptRenderer
 from fmserve.engines.sampling import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
@@ -39,7 +39,6 @@ class LlamaEngine:
     def __init__(self, spec: dict[str, Any]) -> None:
         import llama_cpp
         from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._lib = llama_cpp
         threads = int(spec.get("n_threads") or os.cpu_count() or 1)
@@ -56,24 +55,12 @@ class LlamaEngine:
         )
         self.n_ctx = self.llm.n_ctx()
         meta = self.llm.metadata
-        template = meta.get("tokenizer.chat_template")
+        self.prompts = PromptRenderer(self.llm)
         self._vocab = self.llm._model.vocab
-        eos_id = self.llm.token_eos()
-        bos_id = self.llm.token_bos()
-
-        def piece(tok: int) -> str:
-            return self.llm._model.token_get_text(tok) if tok >= 0 else ""
-
-        self.formatter = (
-            Jinja2ChatFormatter(template, eos_token=piece(eos_id), bos_token=piece(bos_id))
-            if template
-            else None
-        )
-        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self.model_name = meta.get("general.name") or os.path.basename(spec["model_path"])
         self.model_file = os.path.basename(path)
         self.threads = threads
-        self.reasoning = bool(template and "<think>" in template)
+        self.reasoning = self.prompts.reasoning
         self.grammars = GrammarCompiler(self._vocab, self.llm.n_vocab(), owner=self.llm)
         self.grammars.warm()
         self.logprobs = LogprobReader(
@@ -92,7 +79,7 @@ class LlamaEngine:
             "weights": self.model_file,
             "n_ctx": self.n_ctx,
             "n_threads": self.threads,
-            "chat_template": self.formatter is not None,
+            "chat_template": self.prompts.formatter is not None,
             # A template that emits <think> sections: answers carry reasoning blocks.
             "reasoning": self.reasoning,
         }
@@ -145,17 +132,7 @@ class LlamaEngine:
         return tokens, params, room, grammar
 
     def _prompt_tokens(self, msg: dict[str, Any]) -> list[int]:
-        if msg.get("messages") is not None:
-            if self.formatter is None:
-                raise ValueError("This model has no chat template; use the completions API.")
-            try:
-                text = self.formatter(messages=msg["messages"]).prompt
-            except Exception as exc:  # jinja errors, raise_exception() in templates
-                raise ValueError(f"The chat template rejected the messages: {exc}") from exc
-            text, msg["_thinking"] = think_prompt(text, msg.get("params") or {})
-            return self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
-        prompt = msg.get("prompt") or ""
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=self.add_bos, special=False)
+        return self.prompts.tokens(msg)
 
     def _generate(self, rid: str, tokens: list[int], params: dict[str, Any], room: int,
                   emit: Emit, cancelled: Callable[[], bool], grammar: Any = None) -> None:

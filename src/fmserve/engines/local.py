@@ -7,6 +7,7 @@ bodies and chunks (spec §8.2–§8.4) with exact token usage.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 from fmserve.backends import Backend, Capabilities, EmbeddingResult
 from fmserve.engines.logprobs import MAX_TOP_LOGPROBS, completion_logprobs
 from fmserve.engines.pool import WorkerPool
+from fmserve.engines.prompt_tokens import PromptCounter
 from fmserve.engines.reasoning import reasoned_chat, reasoned_stream
 from fmserve.engines.sampling import reproducible
 from fmserve.engines.structured import (
@@ -34,6 +36,10 @@ from fmserve.protocol.responses import chat_chunk, requested_thinking, usage
 _EXTRA_SAMPLING = {"top_k", "top_p", "seed", "temperature", "max_tokens", "stop",
                    "presence_penalty", "frequency_penalty", "repeat_penalty", "min_p"}
 
+
+# Tokens a reasoning model's prompt may gain after rendering (an empty
+# "<think>\n\n</think>\n\n" prefilled when thinking is off).
+THINK_SLACK = 8
 
 # Extra attempts for an answer that finished but breaks a schema keyword the grammar
 # cannot enforce (uniqueItems, multipleOf, not, ...): sampled requests only.
@@ -129,6 +135,7 @@ class LlamaBackend(Backend):
         self.name = name
         self.worker = worker
         self.default_max_tokens = default_max_tokens  # tokens, when a request sets none
+        self.counter = PromptCounter(worker.spec["model_path"])
 
     def ready(self) -> bool:
         return self.worker.state == "ready"
@@ -141,6 +148,17 @@ class LlamaBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return dict(self.worker.info)
+
+    async def prompt_tokens(self, req: ChatCompletionRequest | CompletionRequest
+                            ) -> int | None:
+        """Exact prompt tokens as the worker will render them (:class:`PromptCounter`, in
+        a thread), plus :data:`THINK_SLACK` for a reasoning model's thinking tags."""
+        if isinstance(req, ChatCompletionRequest):
+            ops = self._chat_ops(req, self._plan(req))[:1]
+        else:
+            ops = self._completion_ops(req)[::req.n]
+        n = await asyncio.to_thread(self.counter.count, ops)
+        return None if n is None else n + THINK_SLACK * len(ops)
 
     def _reasoning(self, req: ChatCompletionRequest, plan: ToolPlan,
                    ops: list[dict[str, Any]]) -> int | None | bool:

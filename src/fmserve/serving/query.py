@@ -152,8 +152,9 @@ class QueryService:
                 req, run = parse_model(EmbeddingsRequest, body), self._embed
             adm.ctx = replace(adm.ctx, client_request_id=req.client_request_id,
                               usage_context=req.usage_context)
-            await self.policy.admit(adm, self._demand(kind, req, ep))
-            entity, out = await self._call(ep, served_model, adm, run, req)
+            candidates = self._candidates(ep, served_model)
+            await self.policy.admit(adm, await self._demand(kind, req, ep, candidates[0]))
+            entity, out = await self._call(ep, candidates, adm, run, req)
         except FmserveError as exc:
             await self.policy.settle(adm, Outcome(exc.status_code))
             raise
@@ -166,10 +167,11 @@ class QueryService:
             out = _settled(out, self.policy, adm)
         return entity.name, out, getattr(req, "response_headers", {})
 
-    async def _call(self, ep: ServingEndpoint, served_model: str | None, adm: Admission,
-                    run: Any, req: Any) -> tuple[ServedEntity, Body | AsyncIterator[Body]]:
+    async def _call(self, ep: ServingEndpoint, candidates: list[ServedEntity],
+                    adm: Admission, run: Any, req: Any
+                    ) -> tuple[ServedEntity, Body | AsyncIterator[Body]]:
         last: FmserveError | None = None
-        for entity in self._candidates(ep, served_model):
+        for entity in candidates:
             adm.ctx = replace(adm.ctx, served_entity=entity.name)
             adm.served_entity_id = served_entity_id(ep.id, ep.config_version, entity.name)
             try:
@@ -182,10 +184,15 @@ class QueryService:
         assert last is not None
         raise last
 
-    def _demand(self, kind: str, req: Any, ep: ServingEndpoint) -> Demand:
-        """What the request may use. With a tokens limit and no ``max_tokens``, the request
-        gets the server's default (``FMSERVE_MAX_TOKENS_DEFAULT``) so that the reservation
-        bounds the answer."""
+    async def _demand(self, kind: str, req: Any, ep: ServingEndpoint,
+                entity: ServedEntity) -> Demand:
+        """What the request may use, in tokens: its prompt plus ``max_tokens`` × ``n``.
+
+        Under a tokens limit the prompt is counted by the routed entity's own tokenizer
+        where it is local (:meth:`Backend.prompt_tokens`); otherwise (external models,
+        embeddings) it is bounded by its UTF-8 JSON bytes plus the template's overhead.
+        With a tokens limit and no ``max_tokens``, the request gets the server's default
+        (``FMSERVE_MAX_TOKENS_DEFAULT``) so that the reservation bounds the answer."""
         if kind == "embeddings":
             texts = req.input if isinstance(req.input, list) else [req.input]
             chars = sum(len(t) for t in texts if isinstance(t, str))
@@ -199,9 +206,13 @@ class QueryService:
                                          else [req.prompt]) if isinstance(p, str))
             prompt = _bytes(req.prompt) + 16
         cap = req.max_completion_tokens or req.max_tokens
-        if cap is None and _has_token_limit(ep):
-            cap = req.max_tokens = self.default_max_tokens
-        return Demand(chars, prompt + (cap or self.default_max_tokens) * req.n, req.stream)
+        if _has_token_limit(ep):
+            if cap is None:
+                cap = req.max_tokens = self.default_max_tokens
+            counted = await entity.backend.prompt_tokens(req)
+            prompt = prompt if counted is None else counted
+        answers = req.n * (len(req.prompts()) if kind == "completions" else 1)
+        return Demand(chars, prompt + (cap or self.default_max_tokens) * answers, req.stream)
 
     # -- kinds -----------------------------------------------------------------
     async def _chat(self, ep: ServingEndpoint, entity: ServedEntity,
