@@ -51,7 +51,6 @@ def test_reservation_is_the_exact_prompt_plus_max_tokens(server: Server,
     holds what they really used, and the first one whose prompt + ``max_tokens`` does
     not fit beside it is refused."""
     counter = PromptCounter(str(smollm2_gguf()))
-    assert counter.loaded.wait(30)
     prompt = counter.count([{"op": "generate", "params": {},
                              "messages": [{"role": "user", "content": TEXT,
                                            "tool_calls": None, "tool_call_id": None}]}])

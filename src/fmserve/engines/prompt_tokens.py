@@ -6,9 +6,9 @@ gateway reserves rate-limit tokens with.
 with the model's vocabulary; completions prompts are tokenized as raw text.
 
 :class:`PromptCounter` is the gateway side: a vocabulary-only load of the same GGUF
-(``Llama(vocab_only=True)``: the tokenizer and template, no weights; a few MB, loaded
-in a background thread) in the serving process, so a tokens-per-minute reservation is
-the exact prompt length the worker will see — not an estimate.
+(``Llama(vocab_only=True)``: the tokenizer and template, no weights) in the serving
+process, so a tokens-per-minute reservation is the exact prompt length the worker will
+see — not an estimate.
 """
 
 from __future__ import annotations
@@ -81,36 +81,39 @@ class PromptRenderer:
 class PromptCounter:
     """Counts prompt tokens in the serving process for one GGUF (``model_path``).
 
-    The vocabulary loads in a daemon thread at construction; until it has (or if it
-    cannot: a missing file is the worker's error to report), :meth:`count` returns None
-    and the caller falls back to its upper bound.
+    The vocabulary loads on the first :meth:`count` (about 0.2 s and 20 MB here), so
+    an entity without a tokens limit costs nothing; if it cannot load (a missing file
+    is the worker's error to report), :meth:`count` returns None and the caller falls
+    back to its upper bound.
     """
 
     def __init__(self, model_path: str) -> None:
         self.model_path = model_path
         self._renderer: PromptRenderer | None = None
-        self.loaded = threading.Event()
-        threading.Thread(target=self._load, name="prompt-counter", daemon=True).start()
+        self._failed = False
+        self._lock = threading.Lock()
 
-    def _load(self) -> None:
-        try:
-            from llama_cpp import Llama
+    def _load(self) -> PromptRenderer | None:
+        with self._lock:
+            if self._renderer is None and not self._failed:
+                try:
+                    from llama_cpp import Llama
 
-            llm = Llama(model_path=self.model_path, vocab_only=True, n_ctx=16, n_batch=16,
-                        verbose=False)
-            self._renderer = PromptRenderer(llm)
-        except Exception:
-            log.warning("no prompt tokenizer for %s; reserving by bytes", self.model_path,
-                        exc_info=True)
-        finally:
-            self.loaded.set()
+                    llm = Llama(model_path=self.model_path, vocab_only=True, n_ctx=16,
+                                n_batch=16, verbose=False)
+                    self._renderer = PromptRenderer(llm)
+                except Exception:
+                    self._failed = True
+                    log.warning("no prompt tokenizer for %s; reserving by bytes",
+                                self.model_path, exc_info=True)
+            return self._renderer
 
     def count(self, ops: list[dict[str, Any]]) -> int | None:
         """Prompt tokens of worker ops (the sum over distinct prompts), or None when the
-        tokenizer is not loaded or the template rejects the messages (the worker will
-        answer that 400 itself). Blocking (llama.cpp's tokenizer: ~2 µs per prompt byte here;
-        it releases the GIL): call it in a thread."""
-        renderer = self._renderer
+        tokenizer cannot load or the template rejects the messages (the worker will
+        answer that 400 itself). Blocking (llama.cpp's tokenizer: ~2 µs per prompt byte
+        here; it releases the GIL): call it in a thread."""
+        renderer = self._renderer or self._load()
         if renderer is None:
             return None
         try:
