@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +92,18 @@ class UsageMaterializer:
         self.root = root
         self.store = store
         self.interval_s = interval_s
+        # One pass at a time: cancelling :meth:`run` does not stop a pass already running
+        # in its thread, and the shutdown pass must not read the same checkpoint and
+        # insert the same rows beside it (the second insert fails on the primary key).
+        self._pass = threading.Lock()
 
     def run_once(self) -> int:
-        """Materialise everything written so far. Blocking; returns rows inserted."""
+        """Materialise everything written so far. Blocking (waits for a pass already
+        running in another thread); returns rows inserted."""
+        with self._pass:
+            return self._run_once()
+
+    def _run_once(self) -> int:
         total = 0
         for replica in replicas(self.root):
             pos = self.store.checkpoint(CONSUMER, replica.name)
