@@ -11,10 +11,22 @@ Unreachable Redis: the limiter raises :class:`LimiterUnavailable` within
 ``timeout_s`` (no hang); the gateway turns that into 503 + ``Retry-After`` (fail closed)
 or admits and logs (``FMSERVE_RATE_LIMIT_FAIL_OPEN=1``). redis-py reconnects by itself,
 so service resumes when Redis is back, without a restart.
+
+``timeout_s`` is time Redis had to answer, not time this process was too busy to look:
+a replica whose event loop lags (a burst of requests on a busy machine) must not call a
+healthy Redis unreachable — the 503 would refuse a request that fits, and the script
+may already have charged it. So the wait does not cancel the call (redis-py's own
+socket timeout would, and loses the race to an answer that is already in the socket),
+and the lateness of the loop, measured by a ticker, is not counted against Redis; a hard
+cap (``10 × timeout_s``) still bounds every call. Connections come from a blocking pool
+(``max_connections``): a burst waits for one instead of failing with
+``MaxConnectionsError`` at redis-py's default of 100.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -131,6 +143,32 @@ class LimiterUnavailable(Exception):
     """The shared counters could not be reached in time."""
 
 
+class _LoopLag:
+    """Seconds this event loop has run late, summed: a ticker sleeps ``tick_s`` at a
+    time and adds how much later than that it woke up."""
+
+    def __init__(self, tick_s: float = 0.05) -> None:
+        self.tick_s = tick_s
+        self.total = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start ticking on the running loop (once)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(self.tick_s)
+            self.total += max(0.0, loop.time() - t - self.tick_s)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 def _keys(bucket_ids: list[str]) -> list[str]:
     return [PREFIX + b + suffix for b in bucket_ids for suffix in (":z", ":h", ":s")]
 
@@ -138,14 +176,48 @@ def _keys(bucket_ids: list[str]) -> list[str]:
 class RedisLimiter:
     """:class:`~fmserve.gateway.limits.MemoryLimiter`'s interface, async, on Redis."""
 
-    def __init__(self, url: str, timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 1.0, max_connections: int = 256) -> None:
         self.url = url
-        self._redis = aioredis.from_url(url, socket_timeout=timeout_s,
-                                        socket_connect_timeout=timeout_s,
-                                        retry_on_timeout=False, health_check_interval=15)
+        self.timeout_s = timeout_s
+        self.cap_s = 10 * timeout_s  # the most any call may take, busy loop or not
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=self.cap_s,
+            socket_timeout=self.cap_s, socket_connect_timeout=self.cap_s,
+            health_check_interval=15)
+        self._redis = aioredis.Redis.from_pool(pool)
         self._reserve = self._redis.register_script(_RESERVE)
         self._settle = self._redis.register_script(_SETTLE)
         self._charged: dict[str, list[str]] = {}
+        self._lag = _LoopLag()
+
+    async def _call(self, call: Awaitable[Any]) -> Any:
+        """``call``'s result once Redis answers; raises LimiterUnavailable when it has not
+        within ``timeout_s`` of time this loop was free to see the answer (or ``cap_s``),
+        and for any Redis or socket error."""
+        self._lag.start()
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(call)
+        start, lag0 = loop.time(), self._lag.total
+        try:
+            while True:
+                elapsed = loop.time() - start
+                waited = elapsed - (self._lag.total - lag0)
+                if waited >= self.timeout_s or elapsed >= self.cap_s:
+                    raise LimiterUnavailable(
+                        f"rate-limit store at {self._safe_url()} did not answer within "
+                        f"{self.timeout_s:g} s")
+                done, _ = await asyncio.wait(
+                    {task}, timeout=min(self.timeout_s - waited, self.cap_s - elapsed))
+                if not done:  # let what is queued behind this check run first: the
+                    await asyncio.sleep(0)  # ticker's update, an answer already read
+                if task.done():
+                    return task.result()
+        except (RedisError, OSError) as exc:
+            raise LimiterUnavailable(f"rate-limit store at {self._safe_url()} unreachable: "
+                                     f"{type(exc).__name__}") from None
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def reserve(self, plan: Plan, rid: str, tokens: int) -> Decision:
         """Raises: LimiterUnavailable when Redis does not answer within the timeout."""
@@ -153,11 +225,7 @@ class RedisLimiter:
         args: list[Any] = [60_000, rid, int(tokens), len(plan.required)]
         for b in buckets:
             args += [-1 if b.calls is None else b.calls, -1 if b.tokens is None else b.tokens]
-        try:
-            out = await self._reserve(keys=_keys([b.id for b in buckets]), args=args)
-        except (RedisError, OSError) as exc:
-            raise LimiterUnavailable(f"rate-limit store at {self._safe_url()} unreachable: "
-                                     f"{type(exc).__name__}") from None
+        out = await self._call(self._reserve(keys=_keys([b.id for b in buckets]), args=args))
         admitted, idx, dim, wait_ms, chosen = (int(out[0]), int(out[1]), out[2], int(out[3]),
                                                int(out[4]))
         if not admitted:
@@ -176,10 +244,7 @@ class RedisLimiter:
         charged = self._charged.pop(rid, None)
         if not charged:
             return
-        try:
-            await self._settle(keys=_keys(charged), args=[rid, max(0, tokens or 0)])
-        except (RedisError, OSError) as exc:
-            raise LimiterUnavailable(str(exc)) from None
+        await self._call(self._settle(keys=_keys(charged), args=[rid, max(0, tokens or 0)]))
 
     def _safe_url(self) -> str:
         """The URL without a password."""
@@ -187,4 +252,5 @@ class RedisLimiter:
         return (head.split("//")[0] + "//…@" + tail) if sep else self.url
 
     async def close(self) -> None:
+        self._lag.stop()
         await self._redis.aclose()
