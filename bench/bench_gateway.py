@@ -63,7 +63,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".bench"
 sys.path.insert(0, str(ROOT / "src"))
-from fmserve.testing import free_port, start_server, stop_server  # noqa: E402
+from fmserve.testing import LocalServer, free_port, start_server, stop_server  # noqa: E402
 
 console = Console(width=max(180, shutil.get_terminal_size().columns))
 MODEL = "gpt-4o-mini"
@@ -238,46 +238,59 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path, probe: Callable[[], bo
     raise RuntimeError(f"{what} not ready in {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-def start_fmserve(tmp: Path, upstream: str, install: bool) -> Gateway:
-    srv = start_server(tmp / "fmserve", serve_args=("--no-bundled",))
-    name = "bench-openai"
+def create_endpoint(srv: LocalServer, name: str, upstream: str,
+                    ai_gateway: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An endpoint serving an ``openai`` external model at ``upstream`` (with this
+    ``ai_gateway``, if any), once READY; returns its JSON.
+
+    Raises:
+        RuntimeError: the server refused it, or it was not READY within 30 s.
+    """
     external = {"provider": "openai", "name": MODEL, "task": "llm/v1/chat",
                 "openai_config": {"openai_api_key_plaintext": "sk-bench",
                                   "openai_api_base": upstream + "/v1"}}
+    spec: dict[str, Any] = {"name": name,
+                            "config": {"served_entities": [{"external_model": external}]}}
+    if ai_gateway is not None:
+        spec["ai_gateway"] = ai_gateway
+    with srv.client() as c:
+        r = c.post("/api/2.0/serving-endpoints", json=spec)
+        if r.status_code != 200:
+            raise RuntimeError(f"creating the endpoint: HTTP {r.status_code} {r.text}")
+        deadline = time.monotonic() + 30
+        while True:
+            ep: dict[str, Any] = c.get(f"/api/2.0/serving-endpoints/{name}").json()
+            if ep["state"]["ready"] == "READY":
+                return ep
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"endpoint not READY: {ep['state']}\n{srv.log()[-3000:]}")
+            time.sleep(0.2)
+
+
+def terminate(srv: LocalServer) -> None:
+    """SIGTERM (SIGINT is ignored when the benchmark runs in the background), then
+    :func:`stop_server` after 15 s."""
+    srv.proc.terminate()
     try:
-        with srv.client() as c:
-            r = c.post("/api/2.0/serving-endpoints", json={
-                "name": name, "config": {"served_entities": [{"external_model": external}]}})
-            if r.status_code != 200:
-                raise RuntimeError(f"creating the endpoint: HTTP {r.status_code} {r.text}")
-            deadline = time.monotonic() + 30
-            while True:
-                state = c.get(f"/api/2.0/serving-endpoints/{name}").json()["state"]
-                if state["ready"] == "READY":
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"endpoint not READY: {state}\n{srv.log()[-3000:]}")
-                time.sleep(0.2)
-    except Exception:
+        srv.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
         stop_server(srv)
-        raise
+
+
+def start_fmserve(tmp: Path, upstream: str, install: bool) -> Gateway:
+    srv = start_server(tmp / "fmserve", serve_args=("--no-bundled",))
+    name = "bench-openai"
     try:
+        create_endpoint(srv, name, upstream)
         oauth = _oauth_headers(srv.url, srv.headers)
     except Exception:
         stop_server(srv)
         raise
 
-    def stop() -> None:
-        srv.proc.terminate()  # SIGINT is ignored when the benchmark runs in the background
-        try:
-            srv.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            stop_server(srv)
-
     from fmserve import __version__
     return Gateway("fmserve", "1", srv.url + "/serving-endpoints/chat/completions",
-                   srv.headers, _chat_body(name), srv.proc.pid, stop, __version__,
-                   extra={"oauth_headers": oauth})
+                   srv.headers, _chat_body(name), srv.proc.pid, lambda: terminate(srv),
+                   __version__, extra={"oauth_headers": oauth})
 
 
 def _oauth_headers(url: str, admin: dict[str, str]) -> dict[str, str]:
@@ -304,28 +317,47 @@ def _oauth_headers(url: str, admin: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
-def start_litellm(tmp: Path, upstream: str, install: bool) -> Gateway:
-    bindir = _venv("litellm", install)
+def litellm_model(upstream: str, **params: Any) -> dict[str, Any]:
+    """A ``model_list`` entry: ``MODEL`` at the upstream, with extra ``litellm_params``."""
+    return {"model_name": MODEL, "litellm_params": {
+        "model": f"openai/{MODEL}", "api_base": upstream + "/v1", "api_key": "sk-bench",
+        **params}}
+
+
+def spawn_litellm(tmp: Path, bindir: Path, config: dict[str, Any], name: str = "litellm",
+                  env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """``litellm --config`` (1 worker) with ``config`` written to ``tmp/<name>.yaml``, once
+    ``/health/liveliness`` answers; returns the process and its base URL.
+
+    Raises:
+        RuntimeError: it exited or was not ready in 180 s (with its log); it is stopped.
+    """
     port = free_port()
-    key = "sk-litellm-bench"
-    cfg = tmp / "litellm.yaml"
-    cfg.write_text(json.dumps({  # JSON is YAML
-        "model_list": [{"model_name": MODEL, "litellm_params": {
-            "model": f"openai/{MODEL}", "api_base": upstream + "/v1", "api_key": "sk-bench"}}],
-        "litellm_settings": {"telemetry": False, "drop_params": True},
-        "general_settings": {"master_key": key}}))
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(json.dumps(config))  # JSON is YAML
     env = _env()
-    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR", LITELLM_TELEMETRY="False")
-    log = tmp / "litellm.log"
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR",
+               LITELLM_TELEMETRY="False", **(env_extra or {}))
+    log = tmp / f"{name}.log"
     proc = _spawn([str(bindir / "litellm"), "--config", str(cfg), "--host", "127.0.0.1",
                    "--port", str(port), "--num_workers", "1"], log, env, tmp)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, log, lambda: httpx.get(url + "/health/liveliness",
-                                                 timeout=2).status_code == 200, "litellm")
+                                                 timeout=2).status_code == 200, name)
     except Exception:
         _stopper(proc)()
         raise
+    return proc, url
+
+
+def start_litellm(tmp: Path, upstream: str, install: bool) -> Gateway:
+    bindir = _venv("litellm", install)
+    key = "sk-litellm-bench"
+    proc, url = spawn_litellm(tmp, bindir, {
+        "model_list": [litellm_model(upstream)],
+        "litellm_settings": {"telemetry": False, "drop_params": True},
+        "general_settings": {"master_key": key}})
     return Gateway("LiteLLM proxy", "1", url + "/v1/chat/completions",
                    {"Authorization": f"Bearer {key}"}, _chat_body(MODEL), proc.pid,
                    _stopper(proc), _pkg_version(bindir, "litellm"))
@@ -357,6 +389,26 @@ def start_mlflow(tmp: Path, upstream: str, install: bool) -> Gateway:
 
 
 STARTERS = {"fmserve": start_fmserve, "litellm": start_litellm, "mlflow": start_mlflow}
+
+
+def start_upstream(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``bench/fake_upstream.py`` on a free port, once it answers; its process and URL.
+
+    Raises:
+        RuntimeError: it exited or did not answer within 30 s (it is stopped).
+    """
+    port = free_port()
+    log = tmp / "upstream.log"
+    proc = _spawn([sys.executable, str(ROOT / "bench" / "fake_upstream.py"),
+                   "--port", str(port)], log, _env(), tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, log, lambda: httpx.get(url + "/v1/models", timeout=2).status_code == 200,
+                    "fake upstream", 30)
+    except Exception:
+        _stopper(proc)()
+        raise
+    return proc, url
 
 
 # ---------------------------------------------------------------- load
@@ -462,10 +514,29 @@ def measure(name: str, version: str, workers: str, url: str, headers: dict[str, 
 
 @dataclass
 class AuthRow:
+    """One case of alternating rounds: req/s @N and p50 @1 (ms) per round, errors and
+    requests answered."""
+
     credential: str
     rps: list[float] = field(default_factory=list)
     p50_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    requests: int = 0  # answered, all rounds
+
+
+def alternate(cases: list[tuple[AuthRow, str, dict[str, str], dict[str, Any]]], rounds: int,
+              conns: int, duration_s: float, tmp: Path) -> None:
+    """``rounds`` rounds of every case (row, url, headers, body), the order reversed every
+    other round (so drift hits all alike): wrk @``conns`` for req/s, then @1 for p50,
+    appended to each case's row."""
+    for i in range(rounds):
+        for row, url, headers, body in cases if i % 2 == 0 else cases[::-1]:
+            r = wrk(url, headers, body, conns, duration_s, tmp)
+            lat = wrk(url, headers, body, 1, duration_s, tmp)
+            row.rps.append(r["rps"])
+            row.p50_ms.append(lat["p50_us"] / 1000)
+            row.errors += sum(x["status_errors"] + x["socket_errors"] for x in (r, lat))
+            row.requests += r["requests"] + lat["requests"]
 
 
 def measure_auth(gw: Gateway, args: argparse.Namespace, tmp: Path) -> list[AuthRow]:
@@ -477,14 +548,9 @@ def measure_auth(gw: Gateway, args: argparse.Namespace, tmp: Path) -> list[AuthR
         check(Gateway(**{**gw.__dict__, "headers": headers}))
         wrk(gw.url, headers, gw.body(False), args.conns, 2, tmp)
     console.print(f"[bold]fmserve auth[/bold]: PAT vs OAuth token, {args.auth_rounds} rounds ...")
-    for i in range(args.auth_rounds):
-        order = list(zip(rows, creds, strict=True))
-        for row, (_, headers) in order if i % 2 == 0 else order[::-1]:
-            r = wrk(gw.url, headers, gw.body(False), args.conns, args.duration, tmp)
-            lat = wrk(gw.url, headers, gw.body(False), 1, args.duration, tmp)
-            row.rps.append(r["rps"])
-            row.p50_ms.append(lat["p50_us"] / 1000)
-            row.errors += sum(x["status_errors"] + x["socket_errors"] for x in (r, lat))
+    cases = [(row, gw.url, headers, gw.body(False))
+             for row, (_, headers) in zip(rows, creds, strict=True)]
+    alternate(cases, args.auth_rounds, args.conns, args.duration, tmp)
     return rows
 
 
@@ -593,18 +659,11 @@ def main() -> None:
             _venv(n, not args.no_install)
 
     tmp = Path(tempfile.mkdtemp(prefix="fmserve-bench-gw-"))
-    port = free_port()
-    up_log = tmp / "upstream.log"
-    upstream_proc = _spawn([sys.executable, str(ROOT / "bench" / "fake_upstream.py"),
-                            "--port", str(port)], up_log, _env(), tmp)
-    upstream = f"http://127.0.0.1:{port}"
     rows: list[Row] = []
     auth_rows: list[AuthRow] = []
     direct_p50 = 0.0
+    upstream_proc, upstream = start_upstream(tmp)
     try:
-        _wait_ready(upstream_proc, up_log,
-                    lambda: httpx.get(upstream + "/v1/models", timeout=2).status_code == 200,
-                    "fake upstream", 30)
         direct = (upstream + "/v1/chat/completions", {"Authorization": "Bearer sk-bench"})
         if args.auth_compare:
             wrk(*direct, _chat_body(MODEL)(False), 1, 2, tmp)
