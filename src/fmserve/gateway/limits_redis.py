@@ -18,14 +18,15 @@ healthy Redis unreachable — the 503 would refuse a request that fits, and the 
 may already have charged it. So the wait does not cancel the call (redis-py's own
 socket timeout would, and loses the race to an answer that is already in the socket),
 and the lateness of the loop, measured by a ticker, is not counted against Redis; a hard
-cap (``10 × timeout_s``) still bounds every call. Connections come from a blocking pool
-(``max_connections``): a burst waits for one instead of failing with
-``MaxConnectionsError`` at redis-py's default of 100.
+cap (``cap_s``, 30 s: only a badly overloaded process gets near it) bounds every call.
+Connections come from a blocking pool (``max_connections``): a burst waits for one
+instead of failing with ``MaxConnectionsError`` at redis-py's default of 100.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -35,6 +36,7 @@ from redis.exceptions import RedisError
 from fmserve.gateway.limits import Bucket, Decision, Plan, retry_after
 
 PREFIX = "fmserve:rl:"
+log = logging.getLogger("fmserve.gateway")
 
 # KEYS: per bucket (zset, hash, sum). ARGV: window_ms, rid, tokens, n_required, then per
 # bucket calls_limit, tokens_limit (-1 = none). Returns {admitted, bucket_index (1-based),
@@ -176,10 +178,11 @@ def _keys(bucket_ids: list[str]) -> list[str]:
 class RedisLimiter:
     """:class:`~fmserve.gateway.limits.MemoryLimiter`'s interface, async, on Redis."""
 
-    def __init__(self, url: str, timeout_s: float = 1.0, max_connections: int = 256) -> None:
+    def __init__(self, url: str, timeout_s: float = 1.0, cap_s: float = 30.0,
+                 max_connections: int = 256) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self.cap_s = 10 * timeout_s  # the most any call may take, busy loop or not
+        self.cap_s = cap_s  # the most any call may take, busy loop or not
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=self.cap_s,
             socket_timeout=self.cap_s, socket_connect_timeout=self.cap_s,
@@ -202,10 +205,16 @@ class RedisLimiter:
             while True:
                 elapsed = loop.time() - start
                 waited = elapsed - (self._lag.total - lag0)
-                if waited >= self.timeout_s or elapsed >= self.cap_s:
+                if waited >= self.timeout_s:
                     raise LimiterUnavailable(
                         f"rate-limit store at {self._safe_url()} did not answer within "
                         f"{self.timeout_s:g} s")
+                if elapsed >= self.cap_s:
+                    log.warning("rate-limit store call abandoned after %.0f s: this process "
+                                "is too busy to read the answers in time", elapsed)
+                    raise LimiterUnavailable(
+                        f"no answer from the rate-limit store at {self._safe_url()} within "
+                        f"{self.cap_s:g} s (this process is overloaded)")
                 done, _ = await asyncio.wait(
                     {task}, timeout=min(self.timeout_s - waited, self.cap_s - elapsed))
                 if not done:  # let what is queued behind this check run first: the
