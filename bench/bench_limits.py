@@ -302,7 +302,7 @@ def report_onoff(variants: list[Variant], direct_p50: float, args: argparse.Name
             t.add_row(v.limiter if not on else "", v.sync if not on else "", row.credential,
                       f"{rps:,.0f}", f"{p50:.3f}", f"{p50 - direct_p50:+.3f}",
                       " ".join(f"{x:,.0f}" for x in row.rps),
-                      " ".join(f"{x:.3f}" for x in row.p50_ms), str(row.errors), rows_pct,
+                      " ".join(f"{x:.2f}" for x in row.p50_ms), str(row.errors), rows_pct,
                       v.buckets if on else "", end_section=on)
         (off_rps, off_p50), (on_rps, on_p50) = med["off"], med["on"]
         verdicts.append((v, on_p50 - off_p50, on_rps / off_rps))
@@ -550,7 +550,8 @@ def report_admission(rows: list[Admission], args: argparse.Namespace) -> None:
         if r.gateway.startswith("fmserve"):
             over = (r.admitted - r.calls_limit if r.calls_limit is not None
                     else r.tokens - (r.tokens_limit or 0))
-            console.print(f"  {r.limit}: {over:+,} over  {verdict(over <= 0 and not r.errors)}")
+            errors = f"  ({r.errors:,} errors, see above)" if r.errors else ""
+            console.print(f"  {r.limit}: {over:+,} over  {verdict(over <= 0)}{errors}")
 
 
 def part_admission(upstream: str, redis_url: str, args: argparse.Namespace,
