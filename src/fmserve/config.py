@@ -57,6 +57,11 @@ class ServerConfig:
             answering 503 (``FMSERVE_RATE_LIMIT_FAIL_OPEN=1``).
         request_log_sync: ``fsync`` (default: survives power loss) or ``write`` (survives
             a killed process, not a machine crash) — ``FMSERVE_REQUEST_LOG_SYNC``.
+        safety_endpoint: the chat endpoint the ``safety`` guardrail asks, prompted as a
+            Llama Guard classifier (``FMSERVE_SAFETY_ENDPOINT``; None: ``safety`` cannot
+            be enabled).
+        topic_endpoint: the embeddings endpoint ``valid_topics`` uses
+            (``FMSERVE_TOPIC_ENDPOINT``; default the bundled all-MiniLM-L6-v2).
     """
 
     host: str = "127.0.0.1"
@@ -91,5 +96,10 @@ class ServerConfig:
         in ("1", "true", "yes"))
     request_log_sync: str = field(
         default_factory=lambda: os.environ.get("FMSERVE_REQUEST_LOG_SYNC") or "fsync")
+    safety_endpoint: str | None = field(
+        default_factory=lambda: os.environ.get("FMSERVE_SAFETY_ENDPOINT") or None)
+    topic_endpoint: str = field(
+        default_factory=lambda: os.environ.get("FMSERVE_TOPIC_ENDPOINT")
+        or "databricks-all-minilm-l6-v2")
     admin_user: str = field(
         default_factory=lambda: os.environ.get("FMSERVE_ADMIN_USER") or "admin@fmserve.local")
