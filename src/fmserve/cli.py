@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fmserve import cli_principals, cli_tokens, cli_usage
+from fmserve import cli_principals, cli_tables, cli_tokens, cli_usage
 from fmserve.cli_common import DEFAULT_HOST, DataDir, DbUrl, Host, Token, console, err
 from fmserve.cli_common import call as _call
 from fmserve.cli_common import client as _client
@@ -28,6 +28,7 @@ app = typer.Typer(help="fmserve: self-hosted foundation model serving.", no_args
 endpoints_app = typer.Typer(help="Serving endpoints.", no_args_is_help=True)
 app.add_typer(cli_tokens.app, name="tokens")
 app.command("usage")(cli_usage.usage)
+app.add_typer(cli_tables.app, name="tables")
 app.add_typer(cli_principals.users_app, name="users")
 app.add_typer(cli_principals.sps_app, name="service-principals")
 app.add_typer(cli_principals.groups_app, name="groups")

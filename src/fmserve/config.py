@@ -57,11 +57,9 @@ class ServerConfig:
             answering 503 (``FMSERVE_RATE_LIMIT_FAIL_OPEN=1``).
         request_log_sync: ``fsync`` (default: survives power loss) or ``write`` (survives
             a killed process, not a machine crash) — ``FMSERVE_REQUEST_LOG_SYNC``.
-        safety_endpoint: the chat endpoint the ``safety`` guardrail asks, prompted as a
-            Llama Guard classifier (``FMSERVE_SAFETY_ENDPOINT``; None: ``safety`` cannot
-            be enabled).
-        topic_endpoint: the embeddings endpoint ``valid_topics`` uses
-            (``FMSERVE_TOPIC_ENDPOINT``; default the bundled all-MiniLM-L6-v2).
+        tables_url: where the Delta tables (inference tables, ``system.serving.*``) live:
+            any URL deltalake writes to, or a path (``FMSERVE_TABLES_URL``; None =
+            ``<data dir>/tables``).
     """
 
     host: str = "127.0.0.1"
@@ -96,10 +94,12 @@ class ServerConfig:
         in ("1", "true", "yes"))
     request_log_sync: str = field(
         default_factory=lambda: os.environ.get("FMSERVE_REQUEST_LOG_SYNC") or "fsync")
-    safety_endpoint: str | None = field(
-        default_factory=lambda: os.environ.get("FMSERVE_SAFETY_ENDPOINT") or None)
-    topic_endpoint: str = field(
-        default_factory=lambda: os.environ.get("FMSERVE_TOPIC_ENDPOINT")
-        or "databricks-all-minilm-l6-v2")
+    tables_url: str | None = field(
+        default_factory=lambda: os.environ.get("FMSERVE_TABLES_URL") or None)
     admin_user: str = field(
         default_factory=lambda: os.environ.get("FMSERVE_ADMIN_USER") or "admin@fmserve.local")
+
+
+def tables_base(data_dir: Path, tables_url: str | None) -> str:
+    """The Delta tables' base location: ``tables_url`` or ``<data dir>/tables``."""
+    return tables_url or str(data_dir / "tables")

@@ -24,11 +24,11 @@ from fmserve.api import (
     sp_secret_routes,
     token_routes,
 )
-from fmserve.config import ServerConfig
+from fmserve.config import ServerConfig, tables_base
 from fmserve.gateway.auth import Authenticator
 from fmserve.gateway.directory import Directory
-from fmserve.gateway.guardrails import Guardrails
 from fmserve.gateway.identity import Identity
+from fmserve.gateway.inference_tables import TablesMaterializer
 from fmserve.gateway.limits import MemoryLimiter
 from fmserve.gateway.limits_redis import RedisLimiter
 from fmserve.gateway.oauth import TokenSigner
@@ -41,7 +41,6 @@ from fmserve.serving.endpoints import (
     bundled_endpoints,
     describe_embeddings,
 )
-from fmserve.serving.guard_models import RegistryModels
 from fmserve.serving.manager import EndpointManager
 from fmserve.serving.metrics import ServingMetrics
 from fmserve.serving.query import QueryService
@@ -112,14 +111,13 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         log_root = cfg.data_dir / "request-log"
         request_log = RequestLog(log_root, replica_name(cfg.port), cfg.request_log_sync)
         limiter = RedisLimiter(cfg.redis_url) if cfg.redis_url else MemoryLimiter()
-        registry = EndpointRegistry()
-        guardrails = Guardrails(RegistryModels(registry, cfg.topic_endpoint,
-                                               cfg.safety_endpoint))
         policy = GatewayPolicy(identity.directory, limiter, request_log, workspace_id,
-                               cfg.rate_limit_fail_open, guardrails)
+                               cfg.rate_limit_fail_open)
         usage = UsageStore(db)
         materializer = UsageMaterializer(log_root, usage)
         await asyncio.to_thread(materializer.run_once)  # catch up on what a crash left
+        tables = TablesMaterializer(log_root, usage, tables_base(cfg.data_dir, cfg.tables_url))
+        registry = EndpointRegistry()
         if cfg.bundled:
             for ep in bundled_endpoints(cfg):
                 registry.add(ep)
@@ -147,7 +145,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             describe_embeddings(registry.get(MINILM_ENDPOINT))
         syncers = [asyncio.create_task(manager.run_sync_loop(cfg.sync_interval_s)),
                    asyncio.create_task(_identity_sync(identity, cfg.sync_interval_s)),
-                   asyncio.create_task(materializer.run())]
+                   asyncio.create_task(materializer.run()),
+                   asyncio.create_task(tables.run())]  # its first pass catches up
         try:
             yield
         finally:
@@ -159,6 +158,10 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                 await limiter.close()
             request_log.close()
             await asyncio.to_thread(materializer.run_once)
+            try:
+                await asyncio.to_thread(tables.run_once, False)
+            except Exception:  # the storage is away: the next start catches up
+                log.exception("Delta tables not brought up to date at shutdown")
             await asyncio.gather(*(w.stop() for w in registry.workers()),
                                  return_exceptions=True)
             db.close()

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from fmserve.errors import PermissionDenied, RequestLimitExceeded, TemporarilyUnavailable
 from fmserve.gateway.directory import Directory, Principal
-from fmserve.gateway.guardrails import Guardrails
+from fmserve.gateway.inference_tables import payload, table_of
 from fmserve.gateway.limits import Decision, MemoryLimiter, limits_of, plan_for
 from fmserve.gateway.limits_redis import LimiterUnavailable
 from fmserve.gateway.usage import Demand, Outcome, usage_record
@@ -95,6 +95,8 @@ class Admission:
     served_entity_id: str | None = None
     reserved: Any = None  # the limiter holding a reservation, or None
     settled: bool = False
+    table: str | None = None  # the inference table its payload goes to, or None
+    request_body: Any = None  # the JSON body (kept for the inference table)
 
 
 class GatewayPolicy:
@@ -102,16 +104,13 @@ class GatewayPolicy:
 
     ``limiter``: a :class:`~fmserve.gateway.limits.MemoryLimiter` (one process) or a
     :class:`~fmserve.gateway.limits_redis.RedisLimiter` (replicas). ``request_log``: where
-    usage records go (None: usage tracking off, e.g. in unit tests). ``guardrails``: the
-    input/output guardrails ``serving/`` applies around the backend call
-    (``gateway/guardrails.py``; default: without topic or safety models).
+    usage records go (None: usage tracking off, e.g. in unit tests).
     """
 
     def __init__(self, directory: Directory, limiter: Any = None,
                  request_log: RequestLog | None = None, workspace_id: str = "",
-                 fail_open: bool = False, guardrails: Guardrails | None = None) -> None:
+                 fail_open: bool = False) -> None:
         self.directory = directory
-        self.guardrails = guardrails if guardrails is not None else Guardrails()
         self.limiter = limiter if limiter is not None else MemoryLimiter()
         self.request_log = request_log
         self.workspace_id = workspace_id
@@ -149,7 +148,8 @@ class GatewayPolicy:
              streaming: bool) -> Admission:
         """Start governing one request (no checks yet: failures from here on are settled
         and, with usage tracking, recorded)."""
-        return Admission(replace(ctx, endpoint=endpoint.name), endpoint, now_ms(), streaming)
+        return Admission(replace(ctx, endpoint=endpoint.name), endpoint, now_ms(), streaming,
+                         table=table_of(endpoint.ai_gateway))
 
     def authorize(self, adm: Admission) -> None:
         """Raises: PermissionDenied (403) without ``CAN_QUERY`` on the endpoint."""
@@ -192,7 +192,8 @@ class GatewayPolicy:
         """After the answer, the stream's end or a failure: reconcile the token reservation
         to the real usage (released on failure) and, with usage tracking on, write the
         usage record to the request log — awaited, so it is durable before the response
-        completes. Idempotent."""
+        completes; with an inference table, the same record carries its payload
+        (``gateway/inference_tables.py``). Idempotent."""
         if adm.settled:
             return
         adm.settled = True
@@ -206,15 +207,20 @@ class GatewayPolicy:
             except LimiterUnavailable as exc:
                 log.warning("rate-limit reservation not reconciled: %s", exc)
         gw = adm.endpoint.ai_gateway or {}
-        if self.request_log is not None and (gw.get("usage_tracking_config") or {}).get(
-                "enabled"):
+        tracked = bool((gw.get("usage_tracking_config") or {}).get("enabled"))
+        if self.request_log is not None and (tracked or adm.table):
             ctx = adm.ctx
-            await self.request_log.append(usage_record(
+            record = usage_record(
                 request_id=ctx.request_id, client_request_id=ctx.client_request_id,
                 workspace_id=self.workspace_id, requester=ctx.principal.name,
                 endpoint=adm.endpoint.name, served_entity_id=adm.served_entity_id,
                 request_time_ms=adm.started_ms, demand=adm.demand, outcome=outcome,
-                usage_context=ctx.usage_context, streaming=adm.streaming))
+                usage_context=ctx.usage_context, streaming=adm.streaming)
+            record["usage"] = tracked
+            if adm.table:
+                record["inference"] = payload(adm.table, adm.request_body, outcome.body,
+                                              adm.started_ms)
+            await self.request_log.append(record)
 
 
 def _throttled(endpoint: str, d: Decision, tokens: int) -> RequestLimitExceeded:

@@ -50,9 +50,14 @@ class Demand:
 
 @dataclass(frozen=True)
 class Outcome:
+    """How a request ended. ``body``: the response body (a dict, or already-serialized
+    JSON str/bytes; a stream's aggregated answer; an error's ``{"error_code",
+    "message"}``), kept only for inference tables; None when there is none."""
+
     status: int
     usage: Mapping[str, Any] | None = None
     output_characters: int = 0
+    body: Any = None
 
     def tokens(self, demand: Demand | None) -> tuple[int, int]:
         """``(input, output)`` tokens: from ``usage`` when given, else the estimate."""

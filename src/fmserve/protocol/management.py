@@ -9,17 +9,9 @@ are accepted and kept. Validation that needs the model registry (known
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictStr,
-    StringConstraints,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 MAX_SERVED_ENTITIES = 15  # databricks-sdk-py#1496: the real limit
@@ -271,49 +263,56 @@ class UsageTrackingConfig(BaseModel):
     enabled: bool | None = None
 
 
-_Keyword = Annotated[StrictStr, StringConstraints(strip_whitespace=True, min_length=1,
-                                                  max_length=256)]
-_Topic = Annotated[StrictStr, StringConstraints(strip_whitespace=True, min_length=1,
-                                                max_length=1000)]
+IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+TABLE_PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,254}$")
 
 
-class PiiBehaviorInput(BaseModel):
-    """``AiGatewayGuardrailPiiBehavior``: ``behavior`` ``NONE`` | ``BLOCK`` | ``MASK``."""
-
-    model_config = ConfigDict(extra="forbid")
-    behavior: Literal["NONE", "BLOCK", "MASK"] | None = None
-
-
-class GuardrailParametersInput(BaseModel):
-    """``AiGatewayGuardrailParameters`` (governance §1.2): what ``gateway/guardrails.py``
-    enforces on one side. Keywords and topics are non-empty strings (surrounding
-    whitespace dropped; at most 256 / 1000 characters, 1000 / 100 of them)."""
+class InferenceTableConfig(BaseModel):
+    """``inference_table_config`` (governance §1.2, §3): the table is
+    ``<catalog_name>.<schema_name>.<table_name_prefix>_payload``. Catalog and schema are
+    identifiers (letters, digits, ``_``; not starting with a digit); the prefix may also
+    hold ``-`` (it defaults to the endpoint name, filled in by ``serving/manager.py``)."""
 
     model_config = ConfigDict(extra="forbid")
-    safety: bool | None = None
-    pii: PiiBehaviorInput | None = None
-    invalid_keywords: list[_Keyword] | None = Field(default=None, max_length=1000)
-    valid_topics: list[_Topic] | None = Field(default=None, max_length=100)
+    catalog_name: str | None = None
+    schema_name: str | None = None
+    table_name_prefix: str | None = None
+    enabled: bool | None = None
 
+    @field_validator("catalog_name", "schema_name")
+    @classmethod
+    def _identifier(cls, v: str | None) -> str | None:
+        if v is not None and not IDENTIFIER_RE.match(v):
+            raise ValueError(f"'{v}' is not a valid identifier: letters, digits and '_', "
+                             "not starting with a digit, at most 255 characters")
+        return v
 
-class GuardrailsInput(BaseModel):
-    """``AiGatewayGuardrails``: ``input`` and ``output`` parameters."""
+    @field_validator("table_name_prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is not None and not TABLE_PREFIX_RE.match(v):
+            raise ValueError(f"'{v}' is not a valid table name prefix: letters, digits, '_' "
+                             "and '-', at most 255 characters")
+        return v
 
-    model_config = ConfigDict(extra="forbid")
-    input: GuardrailParametersInput | None = None
-    output: GuardrailParametersInput | None = None
+    @model_validator(mode="after")
+    def _required(self) -> InferenceTableConfig:
+        if self.enabled and (not self.catalog_name or not self.schema_name):
+            raise ValueError("catalog_name and schema_name are required when enabling "
+                             "inference tables")
+        return self
 
 
 class AiGatewayInput(_Lenient):
     """``PUT …/{name}/ai-gateway`` body, stored and returned as given. Enforced:
     ``fallback_config`` (``serving/query.py``: on a 5xx the other served entities are
-    tried), ``rate_limits`` and ``usage_tracking_config`` (``gateway/``); inference tables
-    and guardrails (``gateway/guardrails.py``) are enforced."""
+    tried), ``rate_limits``, ``usage_tracking_config`` and ``inference_table_config``
+    (``gateway/``); guardrails are accepted and echoed, not enforced yet."""
 
     usage_tracking_config: UsageTrackingConfig | None = None
-    inference_table_config: dict[str, Any] | None = None
+    inference_table_config: InferenceTableConfig | None = None
     rate_limits: list[RateLimitInput] | None = None
-    guardrails: GuardrailsInput | None = None
+    guardrails: dict[str, Any] | None = None
     fallback_config: dict[str, Any] | None = None
 
     @field_validator("rate_limits")

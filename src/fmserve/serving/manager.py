@@ -31,10 +31,11 @@ import contextlib
 import logging
 from typing import Any
 
-from fmserve.config import ServerConfig
+from fmserve.config import ServerConfig, tables_base
 from fmserve.errors import InvalidParameterValue, PermissionDenied, ResourceAlreadyExists
 from fmserve.gateway.directory import Principal
 from fmserve.gateway.identity import Identity
+from fmserve.gateway.inference_tables import check_config as check_inference_table
 from fmserve.gateway.policy import CAN_MANAGE, CAN_VIEW, GatewayPolicy, secret_permission
 from fmserve.protocol.management import (
     AiGatewayInput,
@@ -114,6 +115,8 @@ class EndpointManager:
         self.registry = registry
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+        self.tables_base = tables_base(cfg.data_dir, cfg.tables_url)
+        self._tables: Any = None  # store.delta_tables.DeltaTables, made on first use
 
     # -- API operations --------------------------------------------------------
     # -- reading -------------------------------------------------------------------
@@ -158,21 +161,20 @@ class EndpointManager:
         req = parse_model(CreateServingEndpoint, body)
         self._check_limit_principals([*((req.ai_gateway.rate_limits or [])
                                         if req.ai_gateway else []), *(req.rate_limits or [])])
-        await self._check_guardrails(req.ai_gateway)
         existing = self.registry.find(req.name)
         if existing is not None:
             raise ResourceAlreadyExists(f"Endpoint with name '{req.name}' already exists.")
         self._check_secret_refs(who, _config_dict(req.config))
         await self._fresh_secrets(_config_dict(req.config))
         task, entities, routes = _plan(self.cfg, req.name, req.config, self.providers)
+        gateway = await self._gateway_config(req.name, req.ai_gateway, None)
         async with self._lock:
             rec = await asyncio.to_thread(
                 self.store.create, name=req.name, creator=who.name, task=task,
                 config=_config_dict(req.config),
                 description=req.description or "",
                 tags=[t.model_dump(exclude_none=True) for t in req.tags or []],
-                ai_gateway=req.ai_gateway.model_dump(exclude_none=True) if req.ai_gateway
-                else None,
+                ai_gateway=gateway,
                 rate_limits=[r.model_dump(exclude_none=True) for r in req.rate_limits]
                 if req.rate_limits else None)
             await self.identity.write(self.identity.permissions.set_grants, rec.id,
@@ -250,8 +252,8 @@ class EndpointManager:
         ep = self._managed(who, name)
         parsed = parse_model(AiGatewayInput, body)
         self._check_limit_principals(parsed.rate_limits or [])
-        await self._check_guardrails(parsed)
-        gw = parsed.model_dump(exclude_none=True)
+        gw = await self._gateway_config(name, parsed, ep.ai_gateway)
+        assert gw is not None
         async with self._lock:
             await self._save(ep, ai_gateway=gw)
         return gw
@@ -273,6 +275,26 @@ class EndpointManager:
         ep.updated_ms = rec.last_updated_timestamp
         for key, value in fields.items():
             setattr(ep, key, value)
+
+    async def _gateway_config(self, name: str, parsed: AiGatewayInput | None,
+                              old: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The AI Gateway config to store: the inference table's defaults filled in and its
+        location proven writable (``gateway/inference_tables.py``; a 400 otherwise)."""
+        if parsed is None:
+            return None
+        gw = parsed.model_dump(exclude_none=True)
+        if "inference_table_config" in gw:
+            gw["inference_table_config"] = await asyncio.to_thread(
+                check_inference_table, name, gw["inference_table_config"],
+                (old or {}).get("inference_table_config"), self._delta_tables())
+        return gw
+
+    def _delta_tables(self) -> Any:
+        if self._tables is None:
+            from fmserve.store.delta_tables import DeltaTables
+
+            self._tables = DeltaTables(self.tables_base)
+        return self._tables
 
     async def _fresh_secrets(self, config: dict[str, Any]) -> None:
         """Before an external-model config is planned: reload the secrets its references
@@ -312,14 +334,6 @@ class EndpointManager:
                 f"Endpoint '{name}' is a built-in pay-per-token endpoint and cannot be changed.")
         self.policy.require(who, ep, CAN_MANAGE)
         return ep
-
-    async def _check_guardrails(self, gateway: AiGatewayInput | None) -> None:
-        """Raises InvalidParameterValue (400) for guardrails this server cannot enforce
-        (``valid_topics`` without an embeddings endpoint, ``safety`` without a safety
-        endpoint); loads the PII detector when a config uses it."""
-        if gateway is not None and gateway.guardrails is not None:
-            await self.policy.guardrails.check_config(
-                gateway.guardrails.model_dump(exclude_none=True))
 
     def _check_limit_principals(self, limits: list[Any]) -> None:
         """Raises InvalidParameterValue (400) for a rate limit whose ``principal`` names no

@@ -37,6 +37,7 @@ from fmserve.gateway.usage import Demand, Outcome
 from fmserve.protocol.chat import ChatCompletionRequest, CompletionRequest
 from fmserve.protocol.embeddings import EmbeddingsRequest
 from fmserve.protocol.schemas import preload, unchecked_schemas
+from fmserve.protocol.stream_aggregate import StreamAggregator
 from fmserve.protocol.validation import parse_model
 from fmserve.serving.endpoints import (
     TASK_CHAT,
@@ -129,11 +130,11 @@ class QueryService:
     async def _dispatch(self, ctx: RequestContext, kind: str | None, name: str, body: Body,
                         served_model: str | None) -> Result:
         """Find the endpoint (404), then under the gateway policy: permission (403), the
-        body (400), rate limits (429), input guardrails (400; masking), the backend — with
-        5xx fallback to the other served entities — output guardrails (400, or an error
-        event mid-stream; masking) and the settlement of every outcome."""
+        body (400), rate limits (429), the backend — with 5xx fallback to the other
+        served entities — and the settlement of every outcome."""
         ep = self.registry.get(name)
         adm = self.policy.open(ctx, ep, streaming=body.get("stream") is True)
+        adm.request_body = body
         cid = body.get("client_request_id")
         if isinstance(cid, str):  # known even when the body turns out invalid
             adm.ctx = replace(adm.ctx, client_request_id=cid[:128])
@@ -155,19 +156,16 @@ class QueryService:
                               usage_context=req.usage_context)
             candidates = self._candidates(ep, served_model)
             await self.policy.admit(adm, await self._demand(kind, req, ep, candidates[0]))
-            guard = self.policy.guardrails  # around whichever entity answers (fallbacks too)
-            await guard.check_input(ep.ai_gateway, kind, req)
             entity, out = await self._call(ep, candidates, adm, run, req)
-            out = (await guard.check_output(ep.ai_gateway, out, req) if isinstance(out, dict)
-                   else guard.guard_stream(ep.ai_gateway, out, req))
         except FmserveError as exc:
-            await self.policy.settle(adm, Outcome(exc.status_code))
+            await self.policy.settle(adm, Outcome(exc.status_code, body=exc.to_body()))
             raise
         except asyncio.CancelledError:  # the client went away: settle in the background
             _background(self.policy.settle(adm, Outcome(499)))
             raise
         if isinstance(out, dict):
-            await self.policy.settle(adm, Outcome(200, out.get("usage"), _output_chars(out)))
+            await self.policy.settle(adm, Outcome(200, out.get("usage"), _output_chars(out),
+                                                  out if adm.table else None))
         else:
             out = _settled(out, self.policy, adm)
         return entity.name, out, getattr(req, "response_headers", {})
@@ -290,22 +288,29 @@ async def _settled(chunks: AsyncIterator[Body], policy: GatewayPolicy,
                    adm: Admission) -> AsyncIterator[Body]:
     """The stream, then :meth:`GatewayPolicy.settle` with the last ``usage`` seen, the
     characters streamed and the outcome (200, the error's status, or 499 when the client
-    went away) — before the stream ends, so a usage record is durable before ``[DONE]``."""
+    went away) — before the stream ends, so a usage record is durable before ``[DONE]``.
+    With an inference table the chunks are aggregated into the one body it stores."""
     usage = None
     status = 499
     chars = 0
+    agg = StreamAggregator() if adm.table else None
+    body: Any = None
     try:
         async for chunk in chunks:
             usage = chunk.get("usage") or usage
             chars += _output_chars(chunk)
+            if agg is not None:
+                agg.add(chunk)
             yield chunk
         status = 200
+        body = agg.body() if agg is not None else None
     except FmserveError as exc:
         status = exc.status_code
+        body = exc.to_body()
         raise
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
-        await policy.settle(adm, Outcome(status, usage, chars))
+        await policy.settle(adm, Outcome(status, usage, chars, body))
 
 
 def _text_chars(content: Any) -> int:

@@ -146,8 +146,16 @@ def read_from(replica_dir: Path, pos: Position | None,
     """Records after ``pos`` (None = from the start), at most ``max_records``, and the
     position after the last one returned (``pos`` unchanged when there is nothing new).
     Only whole lines are read: a line still being written is left for next time."""
+    entries, end = read_entries(replica_dir, pos, max_records)
+    return [rec for _, rec in entries], end
+
+
+def read_entries(replica_dir: Path, pos: Position | None, max_records: int = 5000
+                 ) -> tuple[list[tuple[Position, dict[str, Any]]], Position | None]:
+    """As :func:`read_from`, each record with the position just after its line (so a
+    consumer that commits elsewhere can tell which records a commit already covers)."""
     segments = sorted(replica_dir.glob("seg-*.jsonl"))
-    out: list[dict[str, Any]] = []
+    out: list[tuple[Position, dict[str, Any]]] = []
     for seg in segments:
         if pos is not None and seg.name < pos.segment:
             continue
@@ -161,9 +169,9 @@ def read_from(replica_dir: Path, pos: Position | None,
                     rec = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     rec = None
-                if isinstance(rec, dict):
-                    out.append(rec)
                 pos = Position(seg.name, offset)
+                if isinstance(rec, dict):
+                    out.append((pos, rec))
                 if len(out) >= max_records:
                     return out, pos
         if pos is None or pos.segment != seg.name:
