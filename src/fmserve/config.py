@@ -60,6 +60,11 @@ class ServerConfig:
         tables_url: where the Delta tables (inference tables, ``system.serving.*``) live:
             any URL deltalake writes to, or a path (``FMSERVE_TABLES_URL``; None =
             ``<data dir>/tables``).
+        safety_endpoint: the chat endpoint the ``safety`` guardrail asks, prompted as a
+            Llama Guard classifier (``FMSERVE_SAFETY_ENDPOINT``; None: ``safety`` cannot
+            be enabled).
+        topic_endpoint: the embeddings endpoint ``valid_topics`` uses
+            (``FMSERVE_TOPIC_ENDPOINT``; default the bundled all-MiniLM-L6-v2).
     """
 
     host: str = "127.0.0.1"
@@ -96,6 +101,11 @@ class ServerConfig:
         default_factory=lambda: os.environ.get("FMSERVE_REQUEST_LOG_SYNC") or "fsync")
     tables_url: str | None = field(
         default_factory=lambda: os.environ.get("FMSERVE_TABLES_URL") or None)
+    safety_endpoint: str | None = field(
+        default_factory=lambda: os.environ.get("FMSERVE_SAFETY_ENDPOINT") or None)
+    topic_endpoint: str = field(
+        default_factory=lambda: os.environ.get("FMSERVE_TOPIC_ENDPOINT")
+        or "databricks-all-minilm-l6-v2")
     admin_user: str = field(
         default_factory=lambda: os.environ.get("FMSERVE_ADMIN_USER") or "admin@fmserve.local")
 

@@ -27,6 +27,7 @@ from fmserve.api import (
 from fmserve.config import ServerConfig, tables_base
 from fmserve.gateway.auth import Authenticator
 from fmserve.gateway.directory import Directory
+from fmserve.gateway.guardrails import Guardrails
 from fmserve.gateway.identity import Identity
 from fmserve.gateway.inference_tables import TablesMaterializer
 from fmserve.gateway.limits import MemoryLimiter
@@ -41,6 +42,7 @@ from fmserve.serving.endpoints import (
     bundled_endpoints,
     describe_embeddings,
 )
+from fmserve.serving.guard_models import RegistryModels
 from fmserve.serving.manager import EndpointManager
 from fmserve.serving.metrics import ServingMetrics
 from fmserve.serving.query import QueryService
@@ -111,13 +113,15 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         log_root = cfg.data_dir / "request-log"
         request_log = RequestLog(log_root, replica_name(cfg.port), cfg.request_log_sync)
         limiter = RedisLimiter(cfg.redis_url) if cfg.redis_url else MemoryLimiter()
+        registry = EndpointRegistry()
+        guardrails = Guardrails(RegistryModels(registry, cfg.topic_endpoint,
+                                               cfg.safety_endpoint))
         policy = GatewayPolicy(identity.directory, limiter, request_log, workspace_id,
-                               cfg.rate_limit_fail_open)
+                               cfg.rate_limit_fail_open, guardrails)
         usage = UsageStore(db)
         materializer = UsageMaterializer(log_root, usage)
         await asyncio.to_thread(materializer.run_once)  # catch up on what a crash left
         tables = TablesMaterializer(log_root, usage, tables_base(cfg.data_dir, cfg.tables_url))
-        registry = EndpointRegistry()
         if cfg.bundled:
             for ep in bundled_endpoints(cfg):
                 registry.add(ep)

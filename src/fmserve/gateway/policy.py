@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from fmserve.errors import PermissionDenied, RequestLimitExceeded, TemporarilyUnavailable
 from fmserve.gateway.directory import Directory, Principal
+from fmserve.gateway.guardrails import Guardrails
 from fmserve.gateway.inference_tables import payload, table_of
 from fmserve.gateway.limits import Decision, MemoryLimiter, limits_of, plan_for
 from fmserve.gateway.limits_redis import LimiterUnavailable
@@ -104,13 +105,16 @@ class GatewayPolicy:
 
     ``limiter``: a :class:`~fmserve.gateway.limits.MemoryLimiter` (one process) or a
     :class:`~fmserve.gateway.limits_redis.RedisLimiter` (replicas). ``request_log``: where
-    usage records go (None: usage tracking off, e.g. in unit tests).
+    usage records go (None: usage tracking off, e.g. in unit tests). ``guardrails``: the
+    input/output guardrails ``serving/`` applies around the backend call
+    (``gateway/guardrails.py``; default: without topic or safety models).
     """
 
     def __init__(self, directory: Directory, limiter: Any = None,
                  request_log: RequestLog | None = None, workspace_id: str = "",
-                 fail_open: bool = False) -> None:
+                 fail_open: bool = False, guardrails: Guardrails | None = None) -> None:
         self.directory = directory
+        self.guardrails = guardrails if guardrails is not None else Guardrails()
         self.limiter = limiter if limiter is not None else MemoryLimiter()
         self.request_log = request_log
         self.workspace_id = workspace_id

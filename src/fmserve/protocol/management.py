@@ -9,9 +9,17 @@ are accepted and kept. Validation that needs the model registry (known
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 MAX_SERVED_ENTITIES = 15  # databricks-sdk-py#1496: the real limit
@@ -303,16 +311,49 @@ class InferenceTableConfig(BaseModel):
         return self
 
 
+_Keyword = Annotated[StrictStr, StringConstraints(strip_whitespace=True, min_length=1,
+                                                  max_length=256)]
+_Topic = Annotated[StrictStr, StringConstraints(strip_whitespace=True, min_length=1,
+                                                max_length=1000)]
+
+
+class PiiBehaviorInput(BaseModel):
+    """``AiGatewayGuardrailPiiBehavior``: ``behavior`` ``NONE`` | ``BLOCK`` | ``MASK``."""
+
+    model_config = ConfigDict(extra="forbid")
+    behavior: Literal["NONE", "BLOCK", "MASK"] | None = None
+
+
+class GuardrailParametersInput(BaseModel):
+    """``AiGatewayGuardrailParameters`` (governance §1.2): what ``gateway/guardrails.py``
+    enforces on one side. Keywords and topics are non-empty strings (surrounding
+    whitespace dropped; at most 256 / 1000 characters, 1000 / 100 of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    safety: bool | None = None
+    pii: PiiBehaviorInput | None = None
+    invalid_keywords: list[_Keyword] | None = Field(default=None, max_length=1000)
+    valid_topics: list[_Topic] | None = Field(default=None, max_length=100)
+
+
+class GuardrailsInput(BaseModel):
+    """``AiGatewayGuardrails``: ``input`` and ``output`` parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: GuardrailParametersInput | None = None
+    output: GuardrailParametersInput | None = None
+
+
 class AiGatewayInput(_Lenient):
     """``PUT …/{name}/ai-gateway`` body, stored and returned as given. Enforced:
     ``fallback_config`` (``serving/query.py``: on a 5xx the other served entities are
-    tried), ``rate_limits``, ``usage_tracking_config`` and ``inference_table_config``
-    (``gateway/``); guardrails are accepted and echoed, not enforced yet."""
+    tried), ``rate_limits``, ``usage_tracking_config``, ``inference_table_config``
+    (``gateway/inference_tables.py``) and guardrails (``gateway/guardrails.py``)."""
 
     usage_tracking_config: UsageTrackingConfig | None = None
     inference_table_config: InferenceTableConfig | None = None
     rate_limits: list[RateLimitInput] | None = None
-    guardrails: dict[str, Any] | None = None
+    guardrails: GuardrailsInput | None = None
     fallback_config: dict[str, Any] | None = None
 
     @field_validator("rate_limits")

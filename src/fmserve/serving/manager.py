@@ -161,6 +161,7 @@ class EndpointManager:
         req = parse_model(CreateServingEndpoint, body)
         self._check_limit_principals([*((req.ai_gateway.rate_limits or [])
                                         if req.ai_gateway else []), *(req.rate_limits or [])])
+        await self._check_guardrails(req.ai_gateway)
         existing = self.registry.find(req.name)
         if existing is not None:
             raise ResourceAlreadyExists(f"Endpoint with name '{req.name}' already exists.")
@@ -252,6 +253,7 @@ class EndpointManager:
         ep = self._managed(who, name)
         parsed = parse_model(AiGatewayInput, body)
         self._check_limit_principals(parsed.rate_limits or [])
+        await self._check_guardrails(parsed)
         gw = await self._gateway_config(name, parsed, ep.ai_gateway)
         assert gw is not None
         async with self._lock:
@@ -334,6 +336,14 @@ class EndpointManager:
                 f"Endpoint '{name}' is a built-in pay-per-token endpoint and cannot be changed.")
         self.policy.require(who, ep, CAN_MANAGE)
         return ep
+
+    async def _check_guardrails(self, gateway: AiGatewayInput | None) -> None:
+        """Raises InvalidParameterValue (400) for guardrails this server cannot enforce
+        (``valid_topics`` without an embeddings endpoint, ``safety`` without a safety
+        endpoint); loads the PII detector when a config uses it."""
+        if gateway is not None and gateway.guardrails is not None:
+            await self.policy.guardrails.check_config(
+                gateway.guardrails.model_dump(exclude_none=True))
 
     def _check_limit_principals(self, limits: list[Any]) -> None:
         """Raises InvalidParameterValue (400) for a rate limit whose ``principal`` names no

@@ -130,8 +130,9 @@ class QueryService:
     async def _dispatch(self, ctx: RequestContext, kind: str | None, name: str, body: Body,
                         served_model: str | None) -> Result:
         """Find the endpoint (404), then under the gateway policy: permission (403), the
-        body (400), rate limits (429), the backend — with 5xx fallback to the other
-        served entities — and the settlement of every outcome."""
+        body (400), rate limits (429), input guardrails (400; masking), the backend — with
+        5xx fallback to the other served entities — output guardrails (400, or an error
+        event mid-stream; masking) and the settlement of every outcome."""
         ep = self.registry.get(name)
         adm = self.policy.open(ctx, ep, streaming=body.get("stream") is True)
         adm.request_body = body
@@ -156,7 +157,11 @@ class QueryService:
                               usage_context=req.usage_context)
             candidates = self._candidates(ep, served_model)
             await self.policy.admit(adm, await self._demand(kind, req, ep, candidates[0]))
+            guard = self.policy.guardrails  # around whichever entity answers (fallbacks too)
+            await guard.check_input(ep.ai_gateway, kind, req)
             entity, out = await self._call(ep, candidates, adm, run, req)
+            out = (await guard.check_output(ep.ai_gateway, out, req) if isinstance(out, dict)
+                   else guard.guard_stream(ep.ai_gateway, out, req))
         except FmserveError as exc:
             await self.policy.settle(adm, Outcome(exc.status_code, body=exc.to_body()))
             raise
