@@ -229,6 +229,41 @@ def test_rows_streamed_and_not_read_by_duckdb_and_deltalake(srv: Server, fake: F
     assert tokens_in > 0 and status == 200 and endpoint == name and ctx == {"team": "lake"}
 
 
+def test_guardrail_blocks_are_logged_with_their_400_body(srv: Server, fake: FakeServer,
+                                                         lake: Path) -> None:
+    """Input block (not streamed) and output block (streamed: the error event) each leave
+    a row with status 400 and the §1.4 block body as ``response``."""
+    name = "it-guard"
+    create_external(srv, name, fake_openai.external_model(fake.url))
+    with srv.client() as c:
+        r = c.put(f"/api/2.0/serving-endpoints/{name}/ai-gateway", json={
+            "inference_table_config": {"catalog_name": "main", "schema_name": "logs",
+                                       "enabled": True},
+            "guardrails": {"input": {"invalid_keywords": ["forbidden"]},
+                           "output": {"invalid_keywords": ["secret"]}}})
+        assert r.status_code == 200, r.text
+        cin, cout = f"in-{uuid.uuid4().hex[:8]}", f"out-{uuid.uuid4().hex[:8]}"
+        blocked = c.post(f"/serving-endpoints/{name}/invocations", json={
+            "messages": [{"role": "user", "content": "a forbidden word"}],
+            "client_request_id": cin})
+        assert blocked.status_code == 400
+        events = []
+        with c.stream("POST", f"/serving-endpoints/{name}/invocations", json={
+                "messages": [{"role": "user", "content": "tell the secret"}], "stream": True,
+                "client_request_id": cout}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: {")]
+    rows = rows_for(f"file://{lake}/main/logs/{name}_payload", {cin, cout})
+    assert rows[cin]["status_code"] == 400
+    assert json.loads(rows[cin]["response"]) == blocked.json()
+    assert "input_guardrail_triggered" in json.loads(rows[cin]["response"])["message"]
+    assert rows[cout]["status_code"] == 400
+    body = json.loads(rows[cout]["response"])
+    assert body["error_code"] == "BAD_REQUEST"
+    assert json.loads(body["message"])["finishReason"] == "output_guardrail_triggered"
+    assert any(e.get("error_code") == "BAD_REQUEST" for e in events)
+
+
 def test_payloads_over_1mb_keep_the_row_without_the_body(srv: Server, fake: FakeServer,
                                                          lake: Path) -> None:
     name = "it-big"
