@@ -36,11 +36,15 @@ class Recorded:
 
 @dataclass
 class FakeServer:
-    """Run ``routes`` on a free port; ``requests`` holds what arrived, in order."""
+    """Run ``routes`` on a free port; ``requests`` holds what arrived, in order.
+
+    ``keep_alive_s``: how long an idle connection stays open (uvicorn's default, 5 s).
+    """
 
     routes: list[BaseRoute]
     requests: list[Recorded] = field(default_factory=list)
     port: int = 0
+    keep_alive_s: int = 5
 
     @property
     def url(self) -> str:
@@ -61,7 +65,7 @@ class FakeServer:
         self.port = free_port()
         app = Starlette(routes=self.routes)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")
+                                lifespan="off", timeout_keep_alive=self.keep_alive_s)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
