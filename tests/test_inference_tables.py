@@ -229,6 +229,40 @@ def test_rows_streamed_and_not_read_by_duckdb_and_deltalake(srv: Server, fake: F
     assert tokens_in > 0 and status == 200 and endpoint == name and ctx == {"team": "lake"}
 
 
+def test_sdk_and_mlflow_configure_the_table(srv: Server, fake: FakeServer, lake: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """databricks-sdk ``put_ai_gateway`` and mlflow ``update_endpoint_ai_gateway`` (the
+    mlflow docstring's own example body): the echo fills ``table_name_prefix`` and both
+    clients parse it; a query through mlflow lands in the table."""
+    from databricks.sdk.service.serving import AiGatewayInferenceTableConfig
+    from mlflow.deployments import get_deploy_client
+
+    name = "it-sdk"
+    create_external(srv, name, fake_openai.external_model(fake.url))
+    w = WorkspaceClient(host=srv.url, token=srv.token, auth_type="pat")
+    r = w.serving_endpoints.put_ai_gateway(name, inference_table_config=(
+        AiGatewayInferenceTableConfig(catalog_name="main", schema_name="sdk", enabled=True)))
+    assert r.inference_table_config is not None
+    assert r.inference_table_config.table_name_prefix == name
+    got = w.serving_endpoints.get(name).ai_gateway
+    assert got is not None and got.inference_table_config == r.inference_table_config
+    monkeypatch.setenv("DATABRICKS_HOST", srv.url)
+    monkeypatch.setenv("DATABRICKS_TOKEN", srv.token)
+    client = get_deploy_client("databricks")
+    echo = client.update_endpoint_ai_gateway(name, {  # type: ignore[attr-defined]
+        "usage_tracking_config": {"enabled": True},
+        "inference_table_config": {"enabled": True, "catalog_name": "main",
+                                   "schema_name": "sdk"}})
+    assert echo == {"usage_tracking_config": {"enabled": True},
+                    "inference_table_config": {"catalog_name": "main", "schema_name": "sdk",
+                                               "table_name_prefix": name, "enabled": True}}
+    cid = f"mlflow-{uuid.uuid4().hex[:8]}"
+    answer = client.predict(endpoint=name, inputs={
+        "messages": [{"role": "user", "content": "via mlflow"}], "client_request_id": cid})
+    row = rows_for(f"file://{lake}/main/sdk/{name}_payload", {cid})[cid]
+    assert json.loads(row["response"])["choices"] == answer["choices"]
+
+
 def test_guardrail_blocks_are_logged_with_their_400_body(srv: Server, fake: FakeServer,
                                                          lake: Path) -> None:
     """Input block (not streamed) and output block (streamed: the error event) each leave
