@@ -66,6 +66,9 @@ def _env_configured() -> bool:
     return os.path.exists(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
 
 
+KEEPALIVE_S = 4.0  # s, idle upstream connections kept
+
+
 class HttpClient:
     """The pooled ``aiohttp`` session all providers share (created on first use).
 
@@ -91,7 +94,11 @@ class HttpClient:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, connect=min(10.0, self.timeout_s),
                                               sock_read=self.timeout_s),
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                # Idle connections are dropped after 4 s, before uvicorn-style upstreams
+                # (a self-hosted vLLM: 5 s) close theirs: reusing one they are closing
+                # fails a POST that cannot safely be retried.
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300,
+                                               keepalive_timeout=KEEPALIVE_S),
                 json_serialize=lambda o: orjson.dumps(o).decode(), auto_decompress=True,
                 trust_env=_env_configured())
         return self._session
