@@ -55,8 +55,9 @@ class ServerConfig:
             None = counters in this process).
         rate_limit_fail_open: admit (and log) when Redis is unreachable instead of
             answering 503 (``FMSERVE_RATE_LIMIT_FAIL_OPEN=1``).
-        request_log_sync: ``fsync`` (default: survives power loss) or ``write`` (survives
-            a killed process, not a machine crash) — ``FMSERVE_REQUEST_LOG_SYNC``.
+        request_log_sync: ``write`` (default: survives a killed process, not a power
+            loss) or ``fsync`` (survives power loss; a disk flush in every governed
+            answer's latency) — ``FMSERVE_REQUEST_LOG_SYNC``.
         tables_url: where the Delta tables (inference tables, ``system.serving.*``) live:
             any URL deltalake writes to, or a path (``FMSERVE_TABLES_URL``; None =
             ``<data dir>/tables``).
@@ -98,7 +99,7 @@ class ServerConfig:
         default_factory=lambda: os.environ.get("FMSERVE_RATE_LIMIT_FAIL_OPEN", "").lower()
         in ("1", "true", "yes"))
     request_log_sync: str = field(
-        default_factory=lambda: os.environ.get("FMSERVE_REQUEST_LOG_SYNC") or "fsync")
+        default_factory=lambda: os.environ.get("FMSERVE_REQUEST_LOG_SYNC") or "write")
     tables_url: str | None = field(
         default_factory=lambda: os.environ.get("FMSERVE_TABLES_URL") or None)
     safety_endpoint: str | None = field(

@@ -18,9 +18,10 @@ changeable by none.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -194,7 +195,8 @@ class GatewayPolicy:
 
     async def settle(self, adm: Admission, outcome: Outcome) -> None:
         """After the answer, the stream's end or a failure: reconcile the token reservation
-        to the real usage (released on failure) and, with usage tracking on, write the
+        to the real usage (released on failure; with Redis in the background, as an answer
+        need not wait for it) and, with usage tracking on, write the
         usage record to the request log — awaited, so it is durable before the response
         completes; with an inference table, the same record carries its payload
         (``gateway/inference_tables.py``). Idempotent."""
@@ -203,13 +205,10 @@ class GatewayPolicy:
         adm.settled = True
         if adm.reserved is not None:
             tin, tout = outcome.tokens(adm.demand)
-            try:
-                r = adm.reserved.settle(adm.ctx.request_id,
-                                        tin + tout if outcome.status < 400 else None)
-                if inspect.isawaitable(r):
-                    await r
-            except LimiterUnavailable as exc:
-                log.warning("rate-limit reservation not reconciled: %s", exc)
+            r = adm.reserved.settle(adm.ctx.request_id,
+                                    tin + tout if outcome.status < 400 else None)
+            if inspect.isawaitable(r):  # Redis: a round trip the answer need not wait
+                _reconcile_later(r)     # for (a late settle only over-reserves)
         gw = adm.endpoint.ai_gateway or {}
         tracked = bool((gw.get("usage_tracking_config") or {}).get("enabled"))
         if self.request_log is not None and (tracked or adm.table):
@@ -225,6 +224,21 @@ class GatewayPolicy:
                 record["inference"] = payload(adm.table, adm.request_body, outcome.body,
                                               adm.started_ms)
             await self.request_log.append(record)
+
+
+_RECONCILING: set[asyncio.Task[Any]] = set()
+
+
+def _reconcile_later(settle: Awaitable[Any]) -> None:
+    async def run() -> None:
+        try:
+            await settle
+        except LimiterUnavailable as exc:
+            log.warning("rate-limit reservation not reconciled: %s", exc)
+
+    task = asyncio.ensure_future(run())
+    _RECONCILING.add(task)
+    task.add_done_callback(_RECONCILING.discard)
 
 
 def _throttled(endpoint: str, d: Decision, tokens: int) -> RequestLimitExceeded:

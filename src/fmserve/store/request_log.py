@@ -2,16 +2,20 @@
 
 Each server process appends JSON lines to segment files under
 ``<data dir>/request-log/<replica>/`` (``<replica>`` = host name and port, so a
-restarted server finds its own segments). One writer thread does **group commit**: it
-takes every record queued since its last write, writes them in one ``write`` and syncs
-once, then wakes the requests waiting on them — so a request's response completes only
-after its record is on disk, and a burst of N requests costs one sync, not N.
+restarted server finds its own segments); a request's response completes only after its
+record is written.
 
 Sync policy (``FMSERVE_REQUEST_LOG_SYNC``):
 
-* ``fsync`` (default) — ``os.fsync`` per group: survives a power loss.
-* ``write`` — the group is written to the OS (page cache) but not synced: survives
-  ``kill -9`` of the server (the kernel still holds the bytes), not a machine crash.
+* ``write`` (default) — each record is handed to the OS (page cache) by one ``write``
+  on the event loop (an ``O_APPEND`` write of one line: a few µs, no thread hop):
+  survives ``kill -9`` of the server (the kernel still holds the bytes), not a power
+  loss or kernel crash.
+* ``fsync`` — one writer thread does **group commit**: it takes every record queued
+  since its last write, writes them in one ``write`` and ``os.fsync``-s once, then wakes
+  the requests waiting on them — a burst of N requests costs one sync, not N; survives
+  a power loss, at the price of a disk flush in every answer's latency (measured by
+  ``bench/bench_limits.py``).
 
 Consumers (the usage tables here; the inference tables next) read the segments from a
 checkpoint they keep in the store, so a restart catches up on everything written before
@@ -35,7 +39,7 @@ from typing import Any
 import orjson
 
 SEGMENT_BYTES = 64 * 1024 * 1024
-SYNC_POLICIES = ("fsync", "write")
+SYNC_POLICIES = ("write", "fsync")
 
 
 def replica_name(port: int) -> str:
@@ -53,7 +57,7 @@ class Position:
 class RequestLog:
     """The append side (one per server process)."""
 
-    def __init__(self, root: Path, replica: str, sync: str = "fsync") -> None:
+    def __init__(self, root: Path, replica: str, sync: str = "write") -> None:
         if sync not in SYNC_POLICIES:
             raise ValueError(f"FMSERVE_REQUEST_LOG_SYNC must be one of {SYNC_POLICIES}, "
                              f"not {sync!r}")
@@ -67,6 +71,7 @@ class RequestLog:
         self._seq = int(existing[-1].stem.split("-")[1]) if existing else 0
         # Always a fresh segment: the last one may end in a line torn by a crash.
         self._file = self._open_next()
+        self._lock = threading.Lock()  # the file, between the loop and the writer thread
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self.groups = 0  # groups written (for the benchmark: records / groups = batching)
         self.records = 0
@@ -77,7 +82,14 @@ class RequestLog:
         return open(self.dir / f"seg-{self._seq:08d}.jsonl", "ab")
 
     async def append(self, record: dict[str, Any]) -> None:
-        """Queue one record; returns once it is written (and synced, under ``fsync``)."""
+        """Returns once the record is written (and synced, under ``fsync``).
+
+        Raises:
+            OSError: it could not be written (disk full, ...): the request fails loudly.
+        """
+        if self.sync == "write":
+            self._write_now(orjson.dumps(record) + b"\n")
+            return
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = self._loop.create_future()
@@ -101,18 +113,28 @@ class RequestLog:
                 batch.append(nxt)
             self._write(batch)
 
-    def _write(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
-        error: BaseException | None = None
-        try:
+    def _write_now(self, line: bytes) -> None:
+        with self._lock:
             if self._file.tell() > SEGMENT_BYTES:
                 self._file.close()
                 self._file = self._open_next()
-            self._file.write(b"".join(line for line, _ in batch))
+            self._file.write(line)
             self._file.flush()
-            if self.sync == "fsync":
-                os.fsync(self._file.fileno())
             self.groups += 1
-            self.records += len(batch)
+            self.records += 1
+
+    def _write(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
+        error: BaseException | None = None
+        try:
+            with self._lock:
+                if self._file.tell() > SEGMENT_BYTES:
+                    self._file.close()
+                    self._file = self._open_next()
+                self._file.write(b"".join(line for line, _ in batch))
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self.groups += 1
+                self.records += len(batch)
         except OSError as exc:  # disk full, ...: the waiting requests fail, loudly
             error = exc
         loop = self._loop
