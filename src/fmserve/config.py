@@ -61,6 +61,9 @@ class ServerConfig:
         tables_url: where the Delta tables (inference tables, ``system.serving.*``) live:
             any URL deltalake writes to, or a path (``FMSERVE_TABLES_URL``; None =
             ``<data dir>/tables``).
+        tables_interval_s: seconds between Delta commits of the inference and usage tables
+            (``FMSERVE_TABLES_INTERVAL_S``, default 5: a row is readable within about
+            that long; shorter costs a Delta commit per table that often).
         safety_endpoint: the chat endpoint the ``safety`` guardrail asks, prompted as a
             Llama Guard classifier (``FMSERVE_SAFETY_ENDPOINT``; None: ``safety`` cannot
             be enabled).
@@ -102,6 +105,8 @@ class ServerConfig:
         default_factory=lambda: os.environ.get("FMSERVE_REQUEST_LOG_SYNC") or "write")
     tables_url: str | None = field(
         default_factory=lambda: os.environ.get("FMSERVE_TABLES_URL") or None)
+    tables_interval_s: float = field(
+        default_factory=lambda: float(os.environ.get("FMSERVE_TABLES_INTERVAL_S") or 5.0))
     safety_endpoint: str | None = field(
         default_factory=lambda: os.environ.get("FMSERVE_SAFETY_ENDPOINT") or None)
     topic_endpoint: str = field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -103,9 +104,16 @@ async def _identity_sync(identity: Identity, interval_s: float) -> None:
             log.exception("identity sync failed")
 
 
+# The GIL switch interval (s). Background threads (the usage and Delta materialisers,
+# identity refreshes) run Python too; at CPython's default 5 ms the event loop could
+# wait that long for the GIL in the middle of an answer. 0.5 ms bounds that wait.
+SWITCH_INTERVAL_S = 0.0005
+
+
 def create_app(cfg: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         db = await asyncio.to_thread(open_database, cfg)  # store calls: never on the loop
         secrets = SecretStore(db, load_key(cfg.data_dir))
         identity = await asyncio.to_thread(_identity, cfg, db, secrets)
@@ -121,7 +129,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         usage = UsageStore(db)
         materializer = UsageMaterializer(log_root, usage)
         await asyncio.to_thread(materializer.run_once)  # catch up on what a crash left
-        tables = TablesMaterializer(log_root, usage, tables_base(cfg.data_dir, cfg.tables_url))
+        tables = TablesMaterializer(log_root, usage, tables_base(cfg.data_dir, cfg.tables_url),
+                                    interval_s=cfg.tables_interval_s)
         if cfg.bundled:
             for ep in bundled_endpoints(cfg):
                 registry.add(ep)

@@ -14,7 +14,8 @@ named in ``logging_error_codes`` (``MAX_REQUEST_SIZE_EXCEEDED`` /
 checkpoint (consumer :data:`CONSUMER`) and appends rows, one Delta commit per table per
 batch, to ``<catalog>.<schema>.<prefix>_payload`` and to ``system.serving.endpoint_usage``
 (records with usage tracking); ``system.serving.served_entities`` follows the store's rows
-by merge. Every ``interval_s`` (1 s): a row is readable about 1–2 s after its response.
+by merge. Every ``interval_s`` (``FMSERVE_TABLES_INTERVAL_S``, 5 s): a row is readable
+within about that long after its response.
 
 **Exactly once across kill -9.** Each append commits, in the same atomic Delta log entry,
 an application transaction ``(app_id = "fmserve-log-<replica>", version = the log

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from fmserve.store.db import Database
 from fmserve.store.models import EndpointUsage, LogCheckpoint, ServedEntityRow
@@ -61,9 +61,10 @@ class UsageStore:
             if rows:
                 have = set(s.scalars(select(EndpointUsage.databricks_request_id).where(
                     EndpointUsage.databricks_request_id.in_(list(rows)))))
-                for rid, r in rows.items():
-                    if rid not in have:
-                        s.add(EndpointUsage(**{c: r.get(c) for c in USAGE_COLUMNS}))
+                new = [{c: r.get(c) for c in USAGE_COLUMNS}
+                       for rid, r in rows.items() if rid not in have]
+                if new:  # one executemany (Core): no ORM object per row
+                    s.execute(insert(EndpointUsage), new)
             cp = s.get(LogCheckpoint, (consumer, replica))
             if cp is None:
                 s.add(LogCheckpoint(consumer=consumer, replica=replica, segment=pos.segment,
