@@ -299,8 +299,12 @@ def test_safety_without_a_safety_endpoint_is_a_400(gateway: Server, fake: FakeSe
 def test_topics_with_the_bundled_minilm_and_a_local_model(server: Server,
                                                          fake: FakeServer) -> None:
     guarded(server, fake, "g-topics", {"input": {"valid_topics": ["cooking", "recipes"]}})
-    assert chat(server, "g-topics", "How long should I roast a chicken?").status_code == 200
-    block = block_of(chat(server, "g-topics", "Explain how a TCP handshake works."))
+    try:  # the session server is shared: leave no endpoint behind
+        assert chat(server, "g-topics", "How long should I roast a chicken?").status_code == 200
+        block = block_of(chat(server, "g-topics", "Explain how a TCP handshake works."))
+    finally:
+        with server.client() as c:
+            c.delete("/api/2.0/serving-endpoints/g-topics")
     entry = block["input_guardrail"][0]
     assert entry["flagged"] is True and entry["categories"] == {"off_topic": True}
     assert entry["category_scores"]["topic_similarity"] < 0.18

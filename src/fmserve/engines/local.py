@@ -135,7 +135,8 @@ class LlamaBackend(Backend):
         self.name = name
         self.worker = worker
         self.default_max_tokens = default_max_tokens  # tokens, when a request sets none
-        self.counter = PromptCounter(worker.spec["model_path"])
+        path = worker.spec.get("model_path")  # none: a scripted test engine
+        self.counter = PromptCounter(path) if path else None
 
     def ready(self) -> bool:
         return self.worker.state == "ready"
@@ -157,6 +158,8 @@ class LlamaBackend(Backend):
             ops = self._chat_ops(req, self._plan(req))[:1]
         else:
             ops = self._completion_ops(req)[::req.n]
+        if self.counter is None:
+            return None
         n = await asyncio.to_thread(self.counter.count, ops)
         return None if n is None else n + THINK_SLACK * len(ops)
 
