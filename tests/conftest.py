@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ EMBED = "databricks-all-minilm-l6-v2"
 
 # One implementation for tests and benchmarks (fmserve.testing); re-exported here.
 Server = LocalServer
-__all__ = ["CHAT", "EMBED", "Server", "free_port", "fmserve_cmd", "start_server", "stop_server",
-           "wait_for"]
+__all__ = ["CHAT", "EMBED", "Server", "free_port", "fmserve_cmd", "gateway_server",
+           "start_server", "stop_server", "wait_for"]
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float = 120, what: str = "condition") -> Any:
@@ -58,6 +59,19 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
     # Never read the developer's ~/.databrickscfg.
     monkeypatch.setenv("DATABRICKS_CONFIG_FILE",
                        str(tmp_path_factory.getbasetemp() / "no-databrickscfg"))
+
+
+@contextmanager
+def gateway_server(prefix: str) -> Iterator[Server]:
+    """A ``fmserve serve --no-bundled`` server (the gateway alone, no local models) in a
+    fresh data dir named ``prefix…``; stopped and its data dir removed on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    srv = start_server(tmp, serve_args=("--no-bundled",))
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

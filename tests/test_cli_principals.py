@@ -4,30 +4,22 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, fmserve_cmd, start_server, stop_server
+from conftest import Server, fmserve_cmd, gateway_server
 
 SCIM = "/api/2.0/preview/scim/v2"
 
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-cli-principals-"))
-    s = start_server(tmp, serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-cli-principals-") as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cli(srv: Server, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -3,14 +3,11 @@ metrics label or log line of the server, whatever the caller does with them."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, start_server, stop_server
+from conftest import Server, gateway_server
 from identities import new_sp
 
 SCIM = "/api/2.0/preview/scim/v2"
@@ -18,13 +15,8 @@ SCIM = "/api/2.0/preview/scim/v2"
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-leak-"))
-    s = start_server(tmp, serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-leak-") as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_credentials_never_echoed(srv: Server) -> None:

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import jwt
 import pytest
-from conftest import CHAT, Server, create_external, fmserve_cmd, start_server, stop_server
+from conftest import (
+    CHAT,
+    Server,
+    create_external,
+    fmserve_cmd,
+    gateway_server,
+)
 from cryptography.hazmat.primitives.asymmetric import rsa
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import InvalidParameterValue, NotFound, PermissionDenied
@@ -47,13 +50,8 @@ ISSUED: list[str] = []  # every secret and access token this module saw: never i
 
 @pytest.fixture(scope="module")
 def gw() -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-oauth-"))
-    s = start_server(tmp, serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-oauth-") as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,11 @@ The per-route permission matrix is in ``test_permissions.py``.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CHAT, Server, create_external, start_server, stop_server
+from conftest import CHAT, Server, create_external, gateway_server
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import InvalidParameterValue, PermissionDenied
 from databricks.sdk.service.serving import (
@@ -35,13 +32,8 @@ ADMINS_ENTRY = {"group_name": "admins", "display_name": "admins", "all_permissio
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-permapi-"))
-    s = start_server(tmp, serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-permapi-") as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,21 @@ counters): every precedence rule of governance §1.3, calls and tokens, streams,
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import Server, create_external, fmserve_cmd, start_server, stop_server, wait_for
+from conftest import (
+    Server,
+    create_external,
+    fmserve_cmd,
+    gateway_server,
+    wait_for,
+)
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import ChatMessage, ChatMessageRole
 from fakes import openai as fake_openai
@@ -32,13 +35,8 @@ MSG = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-rl-"))
-    s = start_server(tmp, serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-rl-") as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

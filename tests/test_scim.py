@@ -4,16 +4,13 @@ against a real ``fmserve serve --no-bundled`` on 127.0.0.1."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, start_server, stop_server
+from conftest import Server, gateway_server
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import BadRequest, NotFound, PermissionDenied, ResourceConflict
 from databricks.sdk.service import iam
@@ -29,13 +26,8 @@ ERROR_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:Error"
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-scim-"))
-    s = start_server(tmp, serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-scim-") as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture()

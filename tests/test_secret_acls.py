@@ -8,14 +8,11 @@ own PAT (``tests/identities.py``).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, start_server, stop_server, wait_for
+from conftest import Server, gateway_server, wait_for
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import (
     InvalidParameterValue,
@@ -39,13 +36,8 @@ from fmserve.store.secrets import SecretStore, load_key
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-acl-"))
-    s = start_server(tmp, serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-acl-") as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

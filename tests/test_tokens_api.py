@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, start_server, stop_server, wait_for
+from conftest import Server, gateway_server, wait_for
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.errors import NotFound, PermissionDenied
 from identities import new_sp, new_user
@@ -18,13 +15,8 @@ from identities import new_sp, new_user
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-tok-"))
-    s = start_server(tmp, serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-tok-") as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def status(url: str, token: str) -> int:
