@@ -219,8 +219,10 @@ class TablesMaterializer:
                 with _replica_lock(self.root, replica.name) as held:
                     if held:
                         total += self._replica(replica)
-            if entities:
-                self._sync_entities()
+            # served_entities follows only once this process writes Delta rows: a server
+            # whose endpoints track no usage and log no payloads never loads deltalake.
+            if entities and (self.rows_written or self._entities is not None):
+                self._sync_entities(force=self._entities is None)
             return total
 
     def _replica(self, replica: Path) -> int:
