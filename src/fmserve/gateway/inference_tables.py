@@ -239,6 +239,8 @@ class TablesMaterializer:
 
     def _batch(self, app_id: str, entries: list[tuple[Position, dict[str, Any]]],
                end: Position) -> int:
+        if not any(rec.get("inference") or rec.get("usage") for _, rec in entries):
+            return 0  # nothing for a table: deltalake stays unloaded
         from fmserve.store.delta_tables import ENDPOINT_USAGE
 
         by_table: dict[str, list[tuple[int, dict[str, Any]]]] = {}
