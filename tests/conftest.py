@@ -8,6 +8,8 @@ Tests that break things (kill workers, fill queues) start their own with
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -29,7 +31,7 @@ EMBED = "databricks-all-minilm-l6-v2"
 # One implementation for tests and benchmarks (fmserve.testing); re-exported here.
 Server = LocalServer
 __all__ = ["CHAT", "EMBED", "Server", "free_port", "fmserve_cmd", "gateway_server",
-           "start_server", "stop_server", "wait_for"]
+           "postgres_database", "start_server", "stop_server", "wait_for"]
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float = 120, what: str = "condition") -> Any:
@@ -59,6 +61,36 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
     # Never read the developer's ~/.databrickscfg.
     monkeypatch.setenv("DATABRICKS_CONFIG_FILE",
                        str(tmp_path_factory.getbasetemp() / "no-databrickscfg"))
+
+
+# PostgreSQL for tests: the database every machine (CI's included) runs.
+POSTGRES_ADMIN_URL = os.environ.get("FMSERVE_TEST_POSTGRES_URL",
+                                    "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextmanager
+def postgres_database(prefix: str, required: bool = False) -> Iterator[str]:
+    """A fresh database named ``prefix_<random>`` on :data:`POSTGRES_ADMIN_URL` (its URL),
+    dropped afterwards. Without PostgreSQL: the test fails when ``required`` or under
+    ``CI``, else it is skipped."""
+    import psycopg
+
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if required:
+            pytest.fail(f"this test needs PostgreSQL at {POSTGRES_ADMIN_URL} "
+                        f"(FMSERVE_TEST_POSTGRES_URL): {exc}")
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {exc}")
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager

@@ -9,8 +9,6 @@ machine, and fail in CI (``CI=true``), where PostgreSQL always runs.
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, start_server, stop_server, wait_for
+from conftest import Server, postgres_database, start_server, stop_server, wait_for
 from cryptography.fernet import Fernet
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.service.serving import (
@@ -40,8 +38,6 @@ API = "/api/2.0/serving-endpoints"
 WAIT = timedelta(minutes=3)
 # One llama.cpp thread per worker: several servers' workers share a small machine.
 SERVER_ENV = {"FMSERVE_LLAMA_THREADS": "1"}
-ADMIN_URL = os.environ.get("FMSERVE_TEST_POSTGRES_URL",
-                           "postgresql://postgres@127.0.0.1:5432/test")
 
 
 # -- PostgreSQL: a throwaway database per module ----------------------------------------
@@ -49,21 +45,8 @@ ADMIN_URL = os.environ.get("FMSERVE_TEST_POSTGRES_URL",
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    import psycopg
-
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no PostgreSQL at {ADMIN_URL}: {exc}")
-    name = f"fmserve_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database("fmserve_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

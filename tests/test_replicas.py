@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from conftest import Server, fmserve_cmd, free_port, wait_for
+from conftest import Server, fmserve_cmd, free_port, postgres_database, wait_for
 from cryptography.fernet import Fernet
 from fakes import openai as fake_openai
 from fakes.server import FakeServer
@@ -41,8 +41,6 @@ from fmserve.store.tokens import TokenStore
 from fmserve.store.usage import UsageStore
 from fmserve.testing import wait_until_up
 
-ADMIN_URL = os.environ.get("FMSERVE_TEST_POSTGRES_URL",
-                           "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_SERVER = os.environ.get("FMSERVE_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 API = "/api/2.0/serving-endpoints"
 CLIENTS = 200
@@ -138,20 +136,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    import psycopg
-
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"test_replicas needs PostgreSQL at {ADMIN_URL} "
-                    f"(FMSERVE_TEST_POSTGRES_URL): {exc}")
-    name = f"fmserve_replicas_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database("fmserve_replicas", required=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -50,7 +49,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import create_external, wait_for
+from conftest import create_external, postgres_database, wait_for
 from fakes import openai as fake_openai
 from fakes.server import FakeServer
 from identities import Caller, scim_create, uid
@@ -65,8 +64,6 @@ from fmserve.store.usage import UsageStore
 from fmserve.testing import LocalServer, fmserve_cmd, free_port, stop_server, wait_until_up
 
 EP = "usage-durable"
-PG_ADMIN_URL = os.environ.get("FMSERVE_TEST_POSTGRES_URL",
-                              "postgresql://postgres@127.0.0.1:5432/test")
 THROTTLED_CALLS = 5  # the throttled user's own limit (calls per minute)
 # (route, streamed, valid): native invocations and the OpenAI route, streamed or not;
 # invalid = temperature 9 (a 400 from fmserve's own validation, before any upstream call).
@@ -146,30 +143,10 @@ def fake() -> Iterator[FakeServer]:
 
 
 @contextmanager
-def _pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database (its URL), dropped afterwards."""
-    import psycopg
-
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL}: {exc}")
-    name = f"fmserve_usage_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextmanager
 def _site(store: str, sync: str) -> Iterator[Site]:
     """A fresh data dir and port (and PostgreSQL database); the server stopped after."""
     if store == "postgresql":
-        with _pg_database() as url, _site_on(url, sync) as site:
+        with postgres_database("fmserve_usage") as url, _site_on(url, sync) as site:
             yield site
     else:
         with _site_on(None, sync) as site:
