@@ -94,11 +94,12 @@ def postgres_database(prefix: str, required: bool = False) -> Iterator[str]:
 
 
 @contextmanager
-def gateway_server(prefix: str) -> Iterator[Server]:
+def gateway_server(prefix: str, env_extra: dict[str, str] | None = None) -> Iterator[Server]:
     """A ``fmserve serve --no-bundled`` server (the gateway alone, no local models) in a
-    fresh data dir named ``prefix…``; stopped and its data dir removed on exit."""
+    fresh data dir named ``prefix…`` (``env_extra``: its extra environment); stopped and
+    its data dir removed on exit."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    srv = start_server(tmp, serve_args=("--no-bundled",))
+    srv = start_server(tmp, env_extra=env_extra, serve_args=("--no-bundled",))
     try:
         yield srv
     finally:

@@ -37,8 +37,8 @@ from conftest import (
     Server,
     create_external,
     fmserve_cmd,
+    gateway_server,
     openai_for,
-    start_server,
     stop_server,
     wait_for,
 )
@@ -111,14 +111,8 @@ def lake() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def srv(lake: Path) -> Iterator[Server]:
-    tmp = Path(tempfile.mkdtemp(prefix="fmserve-it-"))
-    s = start_server(tmp, env_extra={"FMSERVE_TABLES_URL": f"file://{lake}"},
-                     serve_args=("--no-bundled",))
-    try:
+    with gateway_server("fmserve-it-", {"FMSERVE_TABLES_URL": f"file://{lake}"}) as s:
         yield s
-    finally:
-        stop_server(s)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
