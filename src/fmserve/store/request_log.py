@@ -72,10 +72,12 @@ class RequestLog:
         # Always a fresh segment: the last one may end in a line torn by a crash.
         self._file = self._open_next()
         self._lock = threading.Lock()  # the file, between the loop and the writer thread
+        # The group-commit writer: only ``fsync`` needs one (``write`` writes in place).
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self.groups = 0  # groups written (for the benchmark: records / groups = batching)
         self.records = 0
-        self._thread.start()
+        if sync == "fsync":
+            self._thread.start()
 
     def _open_next(self) -> Any:
         self._seq += 1
@@ -144,9 +146,11 @@ class RequestLog:
             loop.call_soon_threadsafe(_resolve, fut, error)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-        self._file.close()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+        with self._lock:
+            self._file.close()
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
